@@ -1,0 +1,5 @@
+"""scratchproto: Prototypical Networks and neural collapse, from scratch in NumPy / CuPy."""
+from .backbones import build_backbone
+from .optim import Adam, step_lr
+from .collapse import collapse_metrics
+from .protonet import ProtoNet

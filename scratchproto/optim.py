@@ -1,0 +1,61 @@
+"""Adam with PyTorch's update rule, and the paper's step schedule for the learning rate."""
+import numpy as np
+
+from . import backend
+
+
+class Adam:
+    """Adam (Kingma & Ba 2015) exactly as torch.optim.Adam computes it.
+
+        g <- g + weight_decay * p                  (L2, added to the gradient)
+        m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
+        p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    Works on a backbone's parameters in place; ``lr`` may be changed between steps.
+    """
+
+    def __init__(self, net, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        if lr <= 0:
+            raise ValueError(f"learning rate must be positive, got {lr}")
+        self.net, self.lr, self.betas, self.eps, self.weight_decay = net, lr, betas, eps, weight_decay
+        xp = net.xp
+        self.t = 0
+        self.m = {name: xp.zeros_like(p) for name, p, _ in net.named_parameters()}
+        self.v = {name: xp.zeros_like(p) for name, p, _ in net.named_parameters()}
+
+    def step(self):
+        xp = self.net.xp
+        b1, b2 = self.betas
+        self.t += 1
+        step_size = self.lr / (1 - b1 ** self.t)
+        sqrt_bc2 = np.sqrt(1 - b2 ** self.t)
+        for name, p, g in self.net.named_parameters():
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            m, v = self.m[name], self.v[name]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            p -= step_size * m / (xp.sqrt(v) / sqrt_bc2 + self.eps)
+
+    def state_dict(self):
+        """Host arrays and numbers: enough to continue exactly where it stopped."""
+        out = {"t": np.asarray(self.t), "lr": np.asarray(self.lr)}
+        out.update({f"m.{k}": backend.to_host(a).copy() for k, a in self.m.items()})
+        out.update({f"v.{k}": backend.to_host(a).copy() for k, a in self.v.items()})
+        return out
+
+    def load_state_dict(self, sd):
+        for key in [f"{kind}.{name}" for kind in "mv" for name in self.m]:
+            if key not in sd:
+                raise ValueError(f"optimiser state lacks {key}")
+        self.t, self.lr = int(sd["t"]), float(sd["lr"])
+        for name in self.m:
+            self.m[name][...] = self.net.xp.asarray(sd[f"m.{name}"])
+            self.v[name][...] = self.net.xp.asarray(sd[f"v.{name}"])
+
+
+def step_lr(lr0, epoch, step=20, gamma=0.5):
+    """Learning rate of 1-based ``epoch``: lr0 halved every ``step`` epochs (paper, Section 4)."""
+    return lr0 * gamma ** ((epoch - 1) // step)
