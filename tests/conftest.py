@@ -1,3 +1,5 @@
+import sys, pathlib
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import numpy as np
 import pytest
 
@@ -14,3 +16,16 @@ XPS = [pytest.param(np, id="numpy"),
 @pytest.fixture(params=XPS)
 def xp(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def omniglot(tmp_path_factory):
+    """Omniglot downloaded for real, over HTTP from a loopback server that serves the offline
+    mirror, into a fresh folder; built once and shared by the tests that need data."""
+    from helpers import MIRROR, http_mirror
+    import scratchproto as sp
+    if not (MIRROR / "images_background.zip").exists():
+        pytest.skip(f"no Omniglot mirror at {MIRROR}")
+    root = tmp_path_factory.mktemp("omniglot")
+    with http_mirror(MIRROR) as url:
+        return sp.Omniglot(root=root, mirror=url, progress=False)
