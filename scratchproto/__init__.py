@@ -6,3 +6,4 @@ from .protonet import ProtoNet
 from .episodes import episodes
 from .errors import UserError
 from .omniglot import DataError, Omniglot
+from . import backend, checkpoint, plots, trainer

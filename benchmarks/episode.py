@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Time one training episode exactly as the trainer runs it.
+
+forward of support + query, ProtoNet loss, NC metrics, backward, Adam step; after warm-up, the
+median over --episodes runs, images per second, peak memory (host RSS; device memory on a GPU),
+then the time per layer type, forward and backward, from one extra instrumented episode.
+
+  python benchmarks/episode.py --backbone convnet --device cpu --way 60 --shot 5 --query 5 --episodes 10
+
+Compare with the PyTorch reference in the same sitting (see benchmarks/README.md).
+"""
+import argparse
+import collections
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import scratchproto as sp  # noqa: E402
+from scratchproto import backend  # noqa: E402
+from scratchproto.protonet import protonet_loss  # noqa: E402
+
+
+def fake_episode(xp, way, shot, query, seed=0):
+    """Random sparse binary images shaped like Omniglot's (the reference's `time` does the same)."""
+    rng = np.random.default_rng(seed)
+    xs = (rng.random((way, shot, 1, 28, 28)) > 0.85).astype(np.float32)
+    xq = (rng.random((way, query, 1, 28, 28)) > 0.85).astype(np.float32)
+    return xp.asarray(xs), xp.asarray(xq)
+
+
+def instrument(net, xp, totals):
+    """Wrap every leaf layer's forward/backward to add its wall time into totals[(kind, dir)]."""
+    for _, m in net.encoder.named_modules():
+        leaves = [m] if not m.children else []
+        for attr in ("relu1", "relu2", "relu", "repeat", "pool", "flatten"):   # unnamed helpers
+            if hasattr(m, attr) and getattr(m, attr) is not m:
+                leaves.append(getattr(m, attr))
+        for layer in leaves:
+            if getattr(layer, "_timed", False) or type(layer).__name__ in ("Sequential",):
+                continue
+            layer._timed = True
+            for direction in ("forward", "backward"):
+                orig = getattr(layer, direction)
+
+                def timed(*a, _orig=orig, _key=(type(layer).__name__, direction), **k):
+                    backend.synchronize(xp)
+                    t = time.perf_counter()
+                    out = _orig(*a, **k)
+                    backend.synchronize(xp)
+                    totals[_key] += time.perf_counter() - t
+                    return out
+                setattr(layer, direction, timed)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", choices=sp.backbones.BACKBONES, default="convnet")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--way", type=int, default=60)
+    p.add_argument("--shot", type=int, default=5)
+    p.add_argument("--query", type=int, default=5)
+    p.add_argument("--episodes", type=int, default=10, help="timed episodes after 2 warm-up ones")
+    p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
+    a = p.parse_args()
+
+    xp = backend.get_xp(a.device)
+    net = sp.build_backbone(a.backbone, seed=0, xp=xp)
+    model, opt = sp.ProtoNet(net), sp.Adam(net, lr=1e-3)
+    xs, xq = fake_episode(xp, a.way, a.shot, a.query)
+    times = []
+    for i in range(a.episodes + 2):
+        backend.synchronize(xp)
+        t = time.perf_counter()
+        model.episode(xs, xq, train=True)
+        opt.step()
+        backend.synchronize(xp)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    n_img = a.way * (a.shot + a.query)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+    mem = f"peak RSS {rss:.0f} MiB"
+    if xp is not np:
+        mem += f", device pool {xp.get_default_memory_pool().total_bytes() / 2**20:.0f} MiB"
+    print(f"scratchproto {a.backbone} {backend.device_name(xp)} {a.way}w{a.shot}s{a.query}q "
+          f"numpy {np.__version__} python {platform.python_version()}: "
+          f"sec/episode={med:.4f} (min {min(times):.4f}, {len(times)} runs) images/s={n_img / med:.0f} {mem}")
+    if a.no_layers:
+        return
+
+    # one instrumented episode: per layer type, and the parts outside the backbone
+    totals = collections.defaultdict(float)
+    instrument(net, xp, totals)
+    t = time.perf_counter()
+    z = net.forward(xp.concatenate([xs.reshape(-1, 1, 28, 28), xq.reshape(-1, 1, 28, 28)]))
+    backend.synchronize(xp)
+    totals[("(whole backbone)", "forward")] = time.perf_counter() - t
+    t = time.perf_counter()
+    _, _, dz = protonet_loss(z, a.way, a.shot, a.query)
+    backend.synchronize(xp)
+    totals[("ProtoNet loss", "forward+backward")] = time.perf_counter() - t
+    t = time.perf_counter()
+    emb = backend.to_host(z)
+    for h in (emb[:a.way * a.shot], emb[a.way * a.shot:]):
+        sp.collapse_metrics(h.reshape(a.way, -1, emb.shape[1]))
+    totals[("NC metrics (support+query)", "")] = time.perf_counter() - t
+    t = time.perf_counter()
+    net.zero_grad()
+    net.backward(dz, need_dx=False)
+    backend.synchronize(xp)
+    totals[("(whole backbone)", "backward")] = time.perf_counter() - t
+    t = time.perf_counter()
+    opt.step()
+    backend.synchronize(xp)
+    totals[("Adam step", "")] = time.perf_counter() - t
+    print(f"{'part':<28}{'direction':<18}{'seconds':>9}{'share':>8}")
+    total = sum(v for (k, d), v in totals.items() if k == "(whole backbone)") + sum(
+        v for (k, d), v in totals.items() if k in ("ProtoNet loss", "NC metrics (support+query)", "Adam step"))
+    for (kind, direction), v in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:<28}{direction:<18}{v:9.4f}{100 * v / total:7.1f}%")
+
+
+if __name__ == "__main__":
+    main()

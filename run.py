@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Train, evaluate and plot Prototypical Networks on Omniglot, measuring neural collapse.
+
+  python run.py --backbone convnet --device cpu          train with the paper's protocol
+  python run.py --resume runs/convnet-20261126-130000    continue an interrupted run
+  python run.py --eval RUN/best.npz --standard           test: 5/20-way x 1/5-shot, 1000 episodes
+  python run.py --plot RUN                               redraw the figures of a run
+"""
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+import scratchproto as sp
+from scratchproto import trainer
+from scratchproto.backbones import BACKBONES
+from scratchproto.omniglot import MIRROR_ENV
+
+D = trainer.Config()
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_argument_group("what to do (default: train a new run)")
+    mode.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.npz")
+    mode.add_argument("--eval", metavar="CKPT", help="evaluate a checkpoint (e.g. RUN_DIR/best.npz) on test episodes")
+    mode.add_argument("--plot", metavar="RUN_DIR", help="redraw the figures of RUN_DIR from its trace.jsonl")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--backbone", choices=BACKBONES, default=D.backbone, help="embedding network (default: %(default)s)")
+    m.add_argument("--width", type=int, default=D.width, help="ConvNet channels per block (default: %(default)s)")
+    m.add_argument("--device", choices=sp.backend.DEVICES, default=None,
+                   help="cpu (NumPy), gpu (CuPy; falls back to the CPU with a warning) or auto (default: auto)")
+
+    t = p.add_argument_group("training protocol (defaults: the paper's, Section 4)")
+    t.add_argument("--epochs", type=int, default=None, help=f"maximum number of epochs (default: {D.epochs})")
+    t.add_argument("--patience", type=int, default=None,
+                   help=f"stop after this many epochs without a better validation loss (default: {D.patience})")
+    t.add_argument("--lr", type=float, default=D.lr, help="Adam learning rate (default: %(default)s)")
+    t.add_argument("--lr-step", type=int, default=D.lr_step, help="halve the learning rate every this many epochs (default: %(default)s)")
+    t.add_argument("--lr-gamma", type=float, default=D.lr_gamma, help="factor applied every lr-step epochs (default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=D.weight_decay, help="L2 weight decay (default: %(default)s)")
+    for part, what in (("train", "training"), ("val", "validation")):
+        t.add_argument(f"--{part}-way", type=int, default=getattr(D, f"{part}_way"), help=f"classes per {what} episode (default: %(default)s)")
+        t.add_argument(f"--{part}-shot", type=int, default=getattr(D, f"{part}_shot"), help=f"support images per class, {what} (default: %(default)s)")
+        t.add_argument(f"--{part}-query", type=int, default=getattr(D, f"{part}_query"), help=f"query images per class, {what} (default: %(default)s)")
+        t.add_argument(f"--{part}-episodes", type=int, default=getattr(D, f"{part}_episodes"), help=f"{what} episodes per epoch (default: %(default)s)")
+    t.add_argument("--trainval", action="store_true", help="train on train+val with no validation (as the reference allows)")
+    t.add_argument("--seed", type=int, default=D.seed, help="seeds the weights and every episode (default: %(default)s)")
+    t.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<backbone>-<timestamp>)")
+
+    e = p.add_argument_group("evaluation (with --eval)")
+    e.add_argument("--split", default="test", help="split to draw episodes from (default: %(default)s)")
+    e.add_argument("--way", type=int, default=5, help="classes per episode (default: %(default)s)")
+    e.add_argument("--shot", type=int, default=5, help="support images per class (default: %(default)s)")
+    e.add_argument("--query", type=int, default=15, help="query images per class (default: %(default)s)")
+    e.add_argument("--episodes", type=int, default=1000, help="episodes per setting (default: %(default)s)")
+    e.add_argument("--standard", action="store_true", help="the four standard settings: 5/20-way x 1/5-shot")
+    e.add_argument("--eval-out", metavar="JSON", help="where to write the results (default: eval.json beside the checkpoint)")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default=D.data, help="Omniglot folder; files missing there are downloaded (default: %(default)s)")
+    d.add_argument("--mirror", default=None,
+                   help=f"download from here instead of the canonical URLs: http(s)://, file:// or a folder "
+                        f"(default: ${MIRROR_ENV}, else the canonical URLs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    progress = not args.no_progress
+    if sum(x is not None for x in (args.resume, args.eval, args.plot)) > 1:
+        raise sp.UserError("choose one of --resume, --eval and --plot")
+    if args.plot:
+        for path in sp.plots.plot_run(args.plot):
+            print(f"wrote {path}")
+        return 0
+    if args.eval:
+        settings = trainer.STANDARD if args.standard else [(args.way, args.shot)]
+        out = trainer.evaluate(args.eval, settings, split=args.split, query=args.query, n=args.episodes,
+                               device=args.device or D.device, data=args.data, mirror=args.mirror,
+                               progress=progress)
+        for r in out["results"]:
+            print(f"{out['split']} {r['way']}-way {r['shot']}-shot {r['query']}-query, {r['episodes']} episodes: "
+                  f"acc {100 * r['acc']:.2f}% +- {100 * r['acc_ci95']:.2f}% (95% CI)  loss {r['loss']:.4f}  "
+                  f"nc1 {r['nc1_support']:.3g}/{r['nc1_query']:.3g}  nc2 {r['nc2_support']:.3f}/{r['nc2_query']:.3f}"
+                  f"  (support/query)")
+        dest = pathlib.Path(args.eval_out or pathlib.Path(args.eval).with_name("eval.json"))
+        dest.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {dest}")
+        return 0
+    if args.resume:
+        overrides = {k: getattr(args, k) for k in trainer.RESUME_OVERRIDES if getattr(args, k) is not None}
+        trainer.train(resume=args.resume, overrides=overrides, progress=progress)
+        return 0
+    fields = {f.name for f in dataclasses.fields(trainer.Config)}
+    cfg = trainer.Config(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    trainer.train(cfg, out=args.out, progress=progress)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except sp.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

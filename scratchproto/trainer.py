@@ -1,0 +1,256 @@
+"""Episodic training and evaluation with the paper's protocol (Section 4), and the run folder.
+
+An epoch is ``train_episodes`` training episodes (BatchNorm in training mode, one Adam step
+each) then ``val_episodes`` validation episodes (BatchNorm in evaluation mode, no gradient).
+The learning rate is halved every ``lr_step`` epochs; the best model by validation loss is kept;
+training stops after ``patience`` epochs without improvement or at ``epochs``.
+
+Episodes are seeded by (seed, epoch, 0 for train / 1 for val), so a resumed run sees exactly the
+episodes an uninterrupted one would, and (on the CPU) writes the same trace.
+
+RUN_DIR holds config.json, trace.jsonl (one JSON line per epoch), best.npz, last.npz and the
+figures.
+"""
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import platform
+import time
+
+import numpy as np
+
+from . import backend, checkpoint, plots
+from .backbones import build_backbone
+from .collapse import METRICS
+from .episodes import check_episode, episodes
+from .errors import UserError
+from .omniglot import Omniglot
+from .optim import Adam, step_lr
+from .protonet import ProtoNet
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of a training run; the defaults are the paper's protocol."""
+    backbone: str = "convnet"
+    width: int = 64
+    device: str = "auto"
+    epochs: int = 10000
+    patience: int = 200
+    lr: float = 1e-3
+    lr_step: int = 20
+    lr_gamma: float = 0.5
+    weight_decay: float = 0.0
+    train_way: int = 60
+    train_shot: int = 5
+    train_query: int = 5
+    train_episodes: int = 100
+    val_way: int = 5
+    val_shot: int = 5
+    val_query: int = 15
+    val_episodes: int = 100
+    seed: int = 1234
+    trainval: bool = False
+    data: str = "data/omniglot"
+    mirror: str = None
+
+
+class Diverged(UserError):
+    """The loss stopped being a finite number."""
+
+
+def metric_keys():
+    return ["loss", "acc"] + [f"{m}_{p}" for m in METRICS for p in ("support", "query")]
+
+
+def run_episodes(model, eps, n, train, opt=None, desc="", progress=True, where=""):
+    """Run ``n`` episodes; returns the mean of loss, acc and every metric over them."""
+    from tqdm import tqdm
+    sums = dict.fromkeys(metric_keys(), 0.0)
+    bar = tqdm(eps, total=n, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for i, (xs, xq) in enumerate(bar, start=1):
+        res = model.episode(xs, xq, train=train)
+        if not math.isfinite(res["loss"]):
+            raise Diverged(f"the loss became {res['loss']} in {where}, episode {i}")
+        if train:
+            opt.step()
+        for k in sums:
+            sums[k] += res[k]
+        bar.set_postfix(loss=f"{sums['loss'] / i:.3f}", acc=f"{sums['acc'] / i:.3f}", refresh=False)
+    return {k: v / n for k, v in sums.items()}
+
+
+def _versions(xp):
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    if xp is not np:
+        out["cupy"] = xp.__version__
+    return out
+
+
+def _check_config(cfg, ds):
+    train_split = "trainval" if cfg.trainval else "train"
+    check_episode(cfg.train_way, cfg.train_shot, cfg.train_query, len(ds.classes(train_split)), train_split)
+    if not cfg.trainval:
+        check_episode(cfg.val_way, cfg.val_shot, cfg.val_query, len(ds.classes("val")), "val")
+    for name in ("epochs", "patience", "train_episodes", "val_episodes", "lr_step", "width"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or not 0 < cfg.lr_gamma <= 1 or cfg.weight_decay < 0:
+        raise UserError("need lr > 0, 0 < lr-gamma <= 1 and weight-decay >= 0")
+
+
+def _read_trace(path, upto):
+    """The trace's records for epochs <= upto (later ones were written after the checkpoint)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["epoch"] <= upto]
+
+
+RESUME_OVERRIDES = ("epochs", "patience", "device")
+
+
+def train(cfg=None, out=None, resume=None, overrides=None, progress=True, log=print):
+    """Train a ProtoNet; returns the run folder.
+
+    ``resume``: a run folder to continue from its last.npz, with its own config.json; of the
+    settings only those in RESUME_OVERRIDES may be changed then, through ``overrides``.
+    """
+    if resume is not None:
+        run_dir = pathlib.Path(resume)
+        if not (run_dir / "config.json").exists() or not (run_dir / "last.npz").exists():
+            raise UserError(f"{run_dir} is not a run folder to resume (no config.json and last.npz)")
+        saved = json.loads((run_dir / "config.json").read_text())["config"]
+        bad_keys = set(overrides or {}) - set(RESUME_OVERRIDES)
+        if bad_keys:
+            raise UserError(f"a resumed run keeps its settings; only {', '.join(RESUME_OVERRIDES)} "
+                            f"may change (got {', '.join(sorted(bad_keys))})")
+        cfg = Config(**{**saved, **(overrides or {})})
+    else:
+        cfg = cfg or Config()
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = pathlib.Path(out or f"runs/{cfg.backbone}-{stamp}")
+        if (run_dir / "config.json").exists() or (run_dir / "trace.jsonl").exists():
+            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                            f"or choose another --out")
+
+    ds = Omniglot(cfg.data, cfg.mirror, progress=progress)
+    _check_config(cfg, ds)
+    xp = backend.get_xp(cfg.device)
+    net = build_backbone(cfg.backbone, seed=cfg.seed, width=cfg.width, xp=xp)
+    opt = Adam(net, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = ProtoNet(net)
+    epoch, best, bad = 0, math.inf, 0
+    trace_path = run_dir / "trace.jsonl"
+    if resume is not None:
+        meta, state, adam = checkpoint.load(run_dir / "last.npz")
+        net.load_state_dict(state)
+        opt.load_state_dict(adam)
+        epoch, best, bad = meta["epoch"], meta["best_loss"], meta["bad_epochs"]
+        kept = _read_trace(trace_path, epoch)
+        trace_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        log(f"resuming {run_dir} after epoch {epoch}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps({
+        "config": dataclasses.asdict(cfg), "device": backend.device_name(xp),
+        "versions": _versions(xp), "parameters": net.num_parameters(),
+        "started": datetime.datetime.now().isoformat(timespec="seconds")}, indent=2) + "\n")
+
+    train_split = "trainval" if cfg.trainval else "train"
+    log(f"{cfg.backbone} ({net.num_parameters():,} parameters) on {backend.device_name(xp)}; "
+        f"run folder {run_dir}")
+    try:
+        while epoch < cfg.epochs and bad < cfg.patience:
+            e = epoch + 1
+            opt.lr = step_lr(cfg.lr, e, cfg.lr_step, cfg.lr_gamma)
+            t0 = time.perf_counter()
+            record = {"epoch": e, "lr": opt.lr}
+            record["train"] = run_episodes(
+                model, episodes(ds, train_split, cfg.train_way, cfg.train_shot, cfg.train_query,
+                                cfg.train_episodes, seed=[cfg.seed, e, 0], device=xp),
+                cfg.train_episodes, True, opt, desc=f"epoch {e} train", progress=progress,
+                where=f"epoch {e} (training)")
+            if not cfg.trainval:
+                record["val"] = run_episodes(
+                    model, episodes(ds, "val", cfg.val_way, cfg.val_shot, cfg.val_query,
+                                    cfg.val_episodes, seed=[cfg.seed, e, 1], device=xp),
+                    cfg.val_episodes, False, desc=f"epoch {e} val", progress=progress,
+                    where=f"epoch {e} (validation)")
+            record["seconds"] = time.perf_counter() - t0
+            with open(trace_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            watched = record["val" if not cfg.trainval else "train"]["loss"]
+            epoch = e
+            if watched < best:
+                best, bad = watched, 0
+                checkpoint.save(run_dir / "best.npz", net, opt, epoch=e, best_loss=best, bad_epochs=0,
+                                seed=cfg.seed)
+            else:
+                bad += 1
+            checkpoint.save(run_dir / "last.npz", net, opt, epoch=e, best_loss=best, bad_epochs=bad,
+                            seed=cfg.seed)
+            log(summary(record) + (" *" if bad == 0 else ""))
+    except KeyboardInterrupt:
+        log(f"\ninterrupted in epoch {epoch + 1}; {run_dir / 'last.npz'} holds epoch {epoch}. "
+            f"Continue with: python run.py --resume {run_dir}")
+        raise
+    except Diverged as e:
+        raise Diverged(f"{e}; stopped. The last good checkpoint is {run_dir / 'last.npz'} "
+                       f"(epoch {epoch})") from None
+    reason = "patience exhausted" if bad >= cfg.patience else "epoch limit reached"
+    log(f"done after epoch {epoch} ({reason}); best {'val' if not cfg.trainval else 'train'} "
+        f"loss {best:.4f}")
+    plots.plot_run(run_dir)
+    return run_dir
+
+
+def summary(record):
+    """One line per epoch, e.g. 'epoch 3 lr 1e-03 | train loss 0.512 acc 0.861 nc1 ...'."""
+    parts = [f"epoch {record['epoch']:>4} lr {record['lr']:.0e} {record['seconds']:5.1f}s"]
+    for part in ("train", "val"):
+        if part in record:
+            r = record[part]
+            parts.append(f"{part} loss {r['loss']:.4f} acc {r['acc']:.4f} "
+                         f"nc1 {r['nc1_support']:.3g}/{r['nc1_query']:.3g} "
+                         f"nc2 {r['nc2_support']:.3f}/{r['nc2_query']:.3f}")
+    return " | ".join(parts)
+
+
+STANDARD = [(5, 1), (5, 5), (20, 1), (20, 5)]
+
+
+def evaluate(ckpt, settings, split="test", query=15, n=1000, seed=0, device="auto", data="data/omniglot",
+             mirror=None, progress=True):
+    """Test a checkpoint on ``n`` episodes per (way, shot) in ``settings``, BatchNorm in eval mode.
+
+    Returns {"checkpoint", "split", "results": [{way, shot, query, episodes, acc, acc_ci95, loss,
+    <metric>_support, <metric>_query ...}]}; acc_ci95 is 1.96 * std / sqrt(n) over episodes.
+    """
+    meta, state, _ = checkpoint.load(ckpt)
+    ds = Omniglot(data, mirror, progress=progress)
+    for way, shot in settings:
+        check_episode(way, shot, query, len(ds.classes(split)), split)
+    if int(n) != n or n < 1:
+        raise UserError(f"the number of episodes must be a positive integer, got {n}")
+    xp = backend.get_xp(device)
+    net = build_backbone(meta["backbone"], width=meta.get("width") or 64, xp=xp)
+    net.load_state_dict(state)
+    model = ProtoNet(net)
+    from tqdm import tqdm
+    results = []
+    for way, shot in settings:
+        rows = []
+        for xs, xq in tqdm(episodes(ds, split, way, shot, query, n, seed=[seed, way, shot], device=xp),
+                           total=n, desc=f"{way}-way {shot}-shot", disable=not progress, leave=False):
+            res = model.episode(xs, xq, train=False)
+            rows.append([res[k] for k in metric_keys()])
+        rows = np.array(rows)
+        mean = dict(zip(metric_keys(), rows.mean(axis=0).tolist()))
+        acc_sd = rows[:, 1].std(ddof=1) if n > 1 else 0.0
+        results.append({"way": way, "shot": shot, "query": query, "episodes": n,
+                        "acc": mean.pop("acc"), "acc_ci95": 1.96 * acc_sd / math.sqrt(n), **mean})
+    return {"checkpoint": str(ckpt), "epoch": meta.get("epoch"), "backbone": meta["backbone"],
+            "split": split, "results": results}
