@@ -35,27 +35,35 @@ def fake_episode(xp, way, shot, query, seed=0):
 
 
 def instrument(net, xp, totals):
-    """Wrap every leaf layer's forward/backward to add its wall time into totals[(kind, dir)]."""
-    for _, m in net.encoder.named_modules():
-        leaves = [m] if not m.children else []
-        for attr in ("relu1", "relu2", "relu", "repeat", "pool", "flatten"):   # unnamed helpers
-            if hasattr(m, attr) and getattr(m, attr) is not m:
-                leaves.append(getattr(m, attr))
-        for layer in leaves:
-            if getattr(layer, "_timed", False) or type(layer).__name__ in ("Sequential",):
-                continue
-            layer._timed = True
-            for direction in ("forward", "backward"):
-                orig = getattr(layer, direction)
+    """Wrap each layer's forward/backward to add its wall time into totals[(kind, direction)].
 
-                def timed(*a, _orig=orig, _key=(type(layer).__name__, direction), **k):
+    A fused ConvBlock counts as one layer; its convolution's GEMM part is shown on its own too
+    ('conv core'), as are the convolutions of the plain layers.
+    """
+    from scratchproto import fast, layers
+    leaf_kinds = (layers.Conv2d, layers.BatchNorm2d, layers.ReLU, layers.MaxPool2d, layers.AvgPool2d,
+                  layers.Flatten, layers.RepeatChannels, fast.ConvBlock)
+    seen = set()
+    for _, m in net.encoder.named_modules():
+        found = [m] + [v for v in vars(m).values() if isinstance(v, layers.Module)]
+        for layer in found:
+            if id(layer) in seen or not isinstance(layer, leaf_kinds):
+                continue
+            seen.add(id(layer))
+            methods = ["forward", "backward"] + (["conv", "conv_backward"] if isinstance(layer, layers.Conv2d) else [])
+            for method in methods:
+                orig = getattr(layer, method)
+                kind = type(layer).__name__ + (" core" if method.startswith("conv") else "")
+                direction = "backward" if "backward" in method else "forward"
+
+                def timed(*a, _orig=orig, _key=(kind, direction), **k):
                     backend.synchronize(xp)
                     t = time.perf_counter()
                     out = _orig(*a, **k)
                     backend.synchronize(xp)
                     totals[_key] += time.perf_counter() - t
                     return out
-                setattr(layer, direction, timed)
+                setattr(layer, method, timed)
 
 
 def main():

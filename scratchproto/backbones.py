@@ -12,40 +12,42 @@ Parameter and buffer names are those of the reference PyTorch ProtoNet (``encode
 import numpy as np
 
 from . import backend
+from .fast import ConvBlock, ShiftConv2d
 from .layers import (AvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, MaxPool2d, Module,
                      ReLU, RepeatChannels, Sequential)
 
 BACKBONES = ("convnet", "resnet18")
 
 
-def conv_block(c_in, c_out, rng, xp, dtype):
+def conv_block(c_in, c_out, rng, xp, dtype, fast=True):
+    """Conv3x3 -> BatchNorm -> ReLU -> MaxPool2x2; ``fast``: the fused equivalent (fast.py)."""
     kw = dict(xp=xp, dtype=dtype)
+    if fast:
+        return ConvBlock(ShiftConv2d(c_in, c_out, 3, rng=rng, **kw), BatchNorm2d(c_out, **kw), **kw)
     return Sequential(Conv2d(c_in, c_out, 3, 1, 1, bias=True, rng=rng, **kw), BatchNorm2d(c_out, **kw),
                       ReLU(**kw), MaxPool2d(2, **kw), **kw)
 
 
-def convnet(width, rng, xp, dtype):
-    kw = dict(xp=xp, dtype=dtype)
-    return Sequential(conv_block(1, width, rng, xp, dtype), conv_block(width, width, rng, xp, dtype),
-                      conv_block(width, width, rng, xp, dtype), conv_block(width, width, rng, xp, dtype),
-                      Flatten(**kw), **kw)
+def convnet(width, rng, xp, dtype, fast=True):
+    blocks = [conv_block(c_in, width, rng, xp, dtype, fast) for c_in in (1, width, width, width)]
+    return Sequential(*blocks, Flatten(xp=xp, dtype=dtype), xp=xp, dtype=dtype)
 
 
 class ResNet18(Module):
     """CIFAR-style ResNet-18 (He et al. 2016, as in the paper's reference code). x: (N, 28, 28, 1)."""
 
-    def __init__(self, rng, xp, dtype):
+    def __init__(self, rng, xp, dtype, fast=True):
         super().__init__(xp, dtype)
         kw = dict(xp=xp, dtype=dtype)
         self.repeat = RepeatChannels(3, **kw)
-        self.conv1 = Conv2d(3, 64, 3, 1, 1, bias=False, rng=rng, **kw)
+        self.conv1 = (ShiftConv2d if fast else Conv2d)(3, 64, 3, 1, 1, bias=False, rng=rng, **kw)
         self.bn1 = BatchNorm2d(64, **kw)
         self.relu = ReLU(**kw)
         self.children = [("conv1", self.conv1), ("bn1", self.bn1)]
         c_in, self.stages = 64, []
         for i, (c_out, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
-            stage = Sequential(BasicBlock(c_in, c_out, stride, rng, **kw),
-                               BasicBlock(c_out, c_out, 1, rng, **kw), **kw)
+            stage = Sequential(BasicBlock(c_in, c_out, stride, rng, fast=fast, **kw),
+                               BasicBlock(c_out, c_out, 1, rng, fast=fast, **kw), **kw)
             self.children.append((f"layer{i + 1}", stage))
             self.stages.append(stage)
             c_in = c_out
@@ -134,11 +136,12 @@ class Backbone:
             v[...] = self.xp.asarray(backend.to_host(sd[name]), dtype=v.dtype)
 
 
-def build_backbone(name, seed=0, device="cpu", width=64, dtype=np.float32, xp=None):
+def build_backbone(name, seed=0, device="cpu", width=64, dtype=np.float32, xp=None, fast=True):
     """A freshly initialised backbone ('convnet' or 'resnet18') on ``device``.
 
     Weights are drawn from PyTorch's default distributions with a NumPy generator seeded by
     ``seed``. ``width`` sets the ConvNet's channels (model-size studies); ResNet-18 is fixed.
+    ``fast=False`` builds it from the plain layers of layers.py only (same math, slower).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
@@ -147,5 +150,5 @@ def build_backbone(name, seed=0, device="cpu", width=64, dtype=np.float32, xp=No
     xp = xp if xp is not None else backend.get_xp(device)
     rng = np.random.default_rng(seed)
     if name == "convnet":
-        return Backbone(name, convnet(width, rng, xp, dtype), xp, dtype, width)
-    return Backbone(name, ResNet18(rng, xp, dtype), xp, dtype)
+        return Backbone(name, convnet(width, rng, xp, dtype, fast), xp, dtype, width)
+    return Backbone(name, ResNet18(rng, xp, dtype, fast), xp, dtype)

@@ -37,6 +37,17 @@ class Module:
         self.params[name] = self.xp.asarray(value, dtype=self.dtype)
         self.grads[name] = self.xp.zeros_like(self.params[name])
 
+    def workspace(self, name, shape, dtype, zero_border=0):
+        """A scratch array kept between calls, so that big temporaries (im2col matrices, padded
+        images) are not allocated, page-faulted and freed again on every episode. Only for
+        arrays that do not outlive the layer's next call. ``zero_border``: the array is a padded
+        image whose border of that width must be zero (it is zeroed once, when made)."""
+        ws = self.__dict__.setdefault("_workspace", {})
+        a = ws.get(name)
+        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+            a = ws[name] = (self.xp.zeros if zero_border else self.xp.empty)(shape, dtype=dtype)
+        return a
+
     def named_modules(self, prefix=""):
         yield prefix, self
         for name, child in self.children:
@@ -87,36 +98,47 @@ class Conv2d(Module):
                 yield i, j, (slice(None), slice(i, i + s * ho, s), slice(j, j + s * wo, s))
 
     def forward(self, x, train=True):
+        y = self.conv(x)
+        if "bias" in self.params:
+            y += self.params["bias"]
+        return y
+
+    def backward(self, dout, need_dx=True):
+        if "bias" in self.params:
+            self.grads["bias"] += dout.reshape(-1, self.c_out).sum(axis=0)
+        return self.conv_backward(dout, need_dx)
+
+    # The bias-free core, also used by the fused ConvNet block (fast.py).
+    def conv(self, x):
+        """x (N, H, W, C_in) -> x * W (N, Ho, Wo, C_out), no bias; caches the im2col matrix."""
         xp, k, s, p = self.xp, self.k, self.stride, self.padding
         n, h, w, c = x.shape
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         if p:
-            xpad = xp.zeros((n, h + 2 * p, w + 2 * p, c), dtype=x.dtype)
+            xpad = self.workspace("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, zero_border=p)
             xpad[:, p:p + h, p:p + w] = x
         else:
             xpad = x
-        cols = xp.empty((n, ho, wo, k, k, c), dtype=x.dtype)
+        cols = self.workspace("cols", (n, ho, wo, k, k, c), x.dtype)
         for i, j, win in self._windows(n, ho, wo):
             cols[:, :, :, i, j] = xpad[win]
         cols = cols.reshape(n * ho * wo, k * k * c)
-        y = cols @ self._wmat()
-        if "bias" in self.params:
-            y += self.params["bias"]
         self.cache = (cols, x.shape)
-        return y.reshape(n, ho, wo, self.c_out)
+        return (cols @ self._wmat()).reshape(n, ho, wo, self.c_out)
 
-    def backward(self, dout, need_dx=True):
+    def conv_backward(self, dout, need_dx=True):
+        """dL/dy (N, Ho, Wo, C_out) -> dL/dx; adds dL/dW into grads['weight']."""
         xp, k, s, p = self.xp, self.k, self.stride, self.padding
         cols, (n, h, w, c) = self.cache
         ho, wo = dout.shape[1:3]
         dy = dout.reshape(-1, self.c_out)
         dw = (cols.T @ dy).reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1)
         self.grads["weight"] += dw
-        if "bias" in self.params:
-            self.grads["bias"] += dy.sum(axis=0)
         if not need_dx:
             return None
-        dcols = (dy @ self._wmat().T).reshape(n, ho, wo, k, k, c)
+        dcols = self.workspace("dcols", (n * ho * wo, k * k * c), dout.dtype)
+        xp.matmul(dy, self._wmat().T, out=dcols)
+        dcols = dcols.reshape(n, ho, wo, k, k, c)
         dxpad = xp.zeros((n, h + 2 * p, w + 2 * p, c), dtype=dout.dtype)
         for i, j, win in self._windows(n, ho, wo):
             dxpad[win] += dcols[:, :, :, i, j]   # col2im: overlapping patches add up
@@ -316,13 +338,17 @@ class BasicBlock(Module):
     or the width changes. Convolutions have no bias (BatchNorm follows each). x: (N, H, W, C_in).
     """
 
-    def __init__(self, c_in, c_out, stride, rng, xp=np, dtype=np.float32):
+    def __init__(self, c_in, c_out, stride, rng, xp=np, dtype=np.float32, fast=False):
         super().__init__(xp, dtype)
         kw = dict(xp=xp, dtype=dtype)
-        self.conv1 = Conv2d(c_in, c_out, 3, stride, 1, bias=False, rng=rng, **kw)
+        if fast:   # the stride-1 convolutions as shifted GEMMs (fast.py), same math
+            from .fast import ShiftConv2d as Conv3x3
+        else:
+            Conv3x3 = Conv2d
+        self.conv1 = (Conv3x3 if stride == 1 else Conv2d)(c_in, c_out, 3, stride, 1, bias=False, rng=rng, **kw)
         self.bn1 = BatchNorm2d(c_out, **kw)
         self.relu1 = ReLU(**kw)
-        self.conv2 = Conv2d(c_out, c_out, 3, 1, 1, bias=False, rng=rng, **kw)
+        self.conv2 = Conv3x3(c_out, c_out, 3, 1, 1, bias=False, rng=rng, **kw)
         self.bn2 = BatchNorm2d(c_out, **kw)
         if stride != 1 or c_in != c_out:
             self.shortcut = Sequential(Conv2d(c_in, c_out, 1, stride, 0, bias=False, rng=rng, **kw),

@@ -1,0 +1,140 @@
+"""The fast layers (fast.py) against the plain ones (layers.py): same outputs, same gradients."""
+import numpy as np
+import pytest
+
+from scratchproto import fast, gradcheck
+from scratchproto import layers as L
+
+F64 = np.float64
+
+
+def _copy_params(src, dst):
+    for (_, a), (_, b) in zip(src.named_modules(), dst.named_modules()):
+        for k in a.params:
+            b.params[k][...] = a.params[k]
+        for k in a.buffers:
+            b.buffers[k][...] = a.buffers[k]
+
+
+def _grads(module):
+    return {f"{n}.{k}": g.copy() for n, m in module.named_modules() for k, g in m.grads.items()}
+
+
+def _zero(module):
+    for _, m in module.named_modules():
+        for g in m.grads.values():
+            g[...] = 0
+
+
+def _compare(plain, quick, x, train, tol=1e-10):
+    _zero(plain); _zero(quick)
+    y1, y2 = plain.forward(x, train), quick.forward(x, train)
+    xp = plain.xp
+    r = xp.asarray(np.random.default_rng(9).standard_normal(y1.shape))
+    np.testing.assert_allclose(y2, y1, rtol=0, atol=tol * np.abs(y1).max())
+    d1, d2 = plain.backward(r), quick.backward(r)
+    np.testing.assert_allclose(d2, d1, rtol=0, atol=tol * np.abs(d1).max())
+    g1, g2 = _grads(plain), _grads(quick)
+    assert g1.keys() == g2.keys()
+    scale = max(np.abs(g).max() for g in g1.values())
+    for k in g1:
+        np.testing.assert_allclose(g2[k], g1[k], rtol=0, atol=tol * scale, err_msg=k)
+
+
+@pytest.mark.parametrize("k,h,w", [(3, 8, 8), (3, 7, 9), (5, 8, 8), (1, 6, 6)])
+def test_shift_conv_matches_im2col(xp, k, h, w):
+    rng = np.random.default_rng(0)
+    plain = L.Conv2d(8, 2, k, 1, (k - 1) // 2, rng=rng, xp=xp, dtype=F64)
+    quick = fast.ShiftConv2d(8, 2, k, rng=rng, xp=xp, dtype=F64)
+    quick.MAX_BORDER_OVERHEAD = 10.0            # force the shifted path even on tiny images
+    _copy_params(plain, quick)
+    x = xp.asarray(rng.standard_normal((2, h, w, 8)))
+    _compare(plain, quick, x, True)
+    assert isinstance(quick.cache[0], str)          # the shifted path was taken
+
+
+def test_shift_conv_gradients_and_fallback():
+    rng = np.random.default_rng(1)
+    conv = fast.ShiftConv2d(4, 2, 3, rng=rng, dtype=F64)
+    conv.MAX_BORDER_OVERHEAD = 10.0
+    errors = gradcheck.check_layer(conv, rng.standard_normal((2, 5, 6, 4)))
+    assert max(errors.values()) < 1e-6, errors
+    assert isinstance(conv.cache[0], str)
+    conv.MAX_BORDER_OVERHEAD = 0.35
+    conv.forward(rng.standard_normal((2, 3, 3, 4)))       # 5x5 padded grid: too much border
+    assert not isinstance(conv.cache[0], str)
+    narrow = fast.ShiftConv2d(1, 8, 3, rng=rng, dtype=F64)
+    narrow.forward(rng.standard_normal((2, 28, 28, 1)))  # one input channel: im2col is cheaper
+    assert not isinstance(narrow.cache[0], str)
+    with pytest.raises(ValueError, match="stride 1 and 'same' padding"):
+        fast.ShiftConv2d(2, 3, 3, stride=2)
+
+
+def _blocks(xp, c_in, seed, conv_cls=L.Conv2d, c_out=5):
+    rng = np.random.default_rng(seed)
+    kw = dict(xp=xp, dtype=F64)
+    plain = L.Sequential(L.Conv2d(c_in, c_out, 3, 1, 1, rng=rng, **kw), L.BatchNorm2d(c_out, **kw),
+                         L.ReLU(**kw), L.MaxPool2d(2, **kw), **kw)
+    quick = fast.ConvBlock(conv_cls(c_in, c_out, 3, 1, 1, rng=rng, **kw), L.BatchNorm2d(c_out, **kw), **kw)
+    # negative and positive gammas (the min- and the max-pooled channels), non-trivial stats
+    gamma = xp.asarray([1.5, -0.7, 0.3, -2.0, 1.0])
+    for blk in (plain, quick):
+        blk.children[1][1].params["weight"][...] = gamma
+        blk.children[1][1].params["bias"][...] = xp.asarray([0.1, -0.2, 0.3, 0.0, -0.5])
+    _copy_params(plain, quick)
+    return plain, quick
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("c_in,h", [(1, 8), (3, 7)])      # 7: floor mode drops a row and column
+def test_conv_block_matches_plain_sequence(xp, train, c_in, h):
+    plain, quick = _blocks(xp, c_in, 2)
+    x = xp.asarray(np.random.default_rng(3).standard_normal((3, h, h, c_in)))
+    if not train:   # give the running statistics something to hold
+        for blk in (plain, quick):
+            blk.forward(x, True)
+    _compare(plain, quick, x, train)
+    for (_, a), (_, b) in zip(plain.named_modules(), quick.named_modules()):
+        for k in a.buffers:
+            np.testing.assert_allclose(b.buffers[k], a.buffers[k], rtol=1e-12)
+    assert [n for n, _ in quick.named_modules("e")] == ["e", "e.0", "e.1", "e.2", "e.3"]
+
+
+def test_conv_block_with_shift_conv_and_ties():
+    """Binary images give exactly equal conv outputs over flat regions: first-winner ties."""
+    plain, quick = _blocks(np, 8, 4, conv_cls=fast.ShiftConv2d)
+    quick.conv.MAX_BORDER_OVERHEAD = 10.0
+    x = (np.random.default_rng(5).random((4, 12, 12, 8)) > 0.8).astype(F64)
+    _compare(plain, quick, x, True)
+    assert isinstance(quick.conv.cache[0], str)      # the shifted path was taken
+
+
+def test_conv_block_gradients():
+    _, quick = _blocks(np, 2, 6)
+    x = np.random.default_rng(7).standard_normal((2, 6, 6, 2))
+    for train in (True, False):
+        errors = gradcheck.check_layer(quick.conv, x)  # (the conv alone, for completeness)
+        assert max(errors.values()) < 1e-6
+        r = np.random.default_rng(8).standard_normal(quick.forward(x, train).shape)
+        _zero(quick)
+        quick.forward(x, train)
+        dx = quick.backward(r)
+        num = gradcheck.numerical_gradient(lambda: (quick.forward(x, train) * r).sum(), x)
+        assert gradcheck.relative_error(dx, num) < 1e-6
+
+
+def test_narrow_block_weight_gradient_without_dy():
+    """The first block (1 input channel) in training, as the trainer runs it (need_dx=False):
+    its weight gradient comes from the Gram matrix and the winners, without the full-size dy."""
+    plain, quick = _blocks(np, 1, 10)
+    x = (np.random.default_rng(11).random((3, 10, 10, 1)) > 0.7).astype(F64)   # binary: ties
+    _zero(plain); _zero(quick)
+    y1, y2 = plain.forward(x, True), quick.forward(x, True)
+    assert quick.cache[-1] is not None                   # the Gram path was taken
+    r = np.random.default_rng(12).standard_normal(y1.shape)
+    plain.backward(r)
+    assert quick.backward(r, need_dx=False) is None
+    g1, g2 = _grads(plain), _grads(quick)
+    scale = max(np.abs(g).max() for g in g1.values())
+    for k in g1:
+        np.testing.assert_allclose(g2[k], g1[k], rtol=0, atol=1e-10 * scale, err_msg=k)
