@@ -12,7 +12,7 @@ Parameter and buffer names are those of the reference PyTorch ProtoNet (``encode
 import numpy as np
 
 from . import backend
-from .fast import ConvBlock, ShiftConv2d
+from .fast import ConvBlock, FastConv2d
 from .layers import (AvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, MaxPool2d, Module,
                      ReLU, RepeatChannels, Sequential)
 
@@ -23,7 +23,7 @@ def conv_block(c_in, c_out, rng, xp, dtype, fast=True):
     """Conv3x3 -> BatchNorm -> ReLU -> MaxPool2x2; ``fast``: the fused equivalent (fast.py)."""
     kw = dict(xp=xp, dtype=dtype)
     if fast:
-        return ConvBlock(ShiftConv2d(c_in, c_out, 3, rng=rng, **kw), BatchNorm2d(c_out, **kw), **kw)
+        return ConvBlock(FastConv2d(c_in, c_out, 3, 1, 1, rng=rng, **kw), BatchNorm2d(c_out, **kw), **kw)
     return Sequential(Conv2d(c_in, c_out, 3, 1, 1, bias=True, rng=rng, **kw), BatchNorm2d(c_out, **kw),
                       ReLU(**kw), MaxPool2d(2, **kw), **kw)
 
@@ -40,7 +40,7 @@ class ResNet18(Module):
         super().__init__(xp, dtype)
         kw = dict(xp=xp, dtype=dtype)
         self.repeat = RepeatChannels(3, **kw)
-        self.conv1 = (ShiftConv2d if fast else Conv2d)(3, 64, 3, 1, 1, bias=False, rng=rng, **kw)
+        self.conv1 = (FastConv2d if fast else Conv2d)(3, 64, 3, 1, 1, bias=False, rng=rng, **kw)
         self.bn1 = BatchNorm2d(64, **kw)
         self.relu = ReLU(**kw)
         self.children = [("conv1", self.conv1), ("bn1", self.bn1)]

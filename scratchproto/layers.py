@@ -109,8 +109,9 @@ class Conv2d(Module):
         return self.conv_backward(dout, need_dx)
 
     # The bias-free core, also used by the fused ConvNet block (fast.py).
-    def conv(self, x):
-        """x (N, H, W, C_in) -> x * W (N, Ho, Wo, C_out), no bias; caches the im2col matrix."""
+    def conv(self, x, out_scale=None):
+        """x (N, H, W, C_in) -> x * W (N, Ho, Wo, C_out), no bias; caches the im2col matrix.
+        ``out_scale`` (C_out,) multiplies the output channels (through the weights, for free)."""
         xp, k, s, p = self.xp, self.k, self.stride, self.padding
         n, h, w, c = x.shape
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
@@ -124,7 +125,8 @@ class Conv2d(Module):
             cols[:, :, :, i, j] = xpad[win]
         cols = cols.reshape(n * ho * wo, k * k * c)
         self.cache = (cols, x.shape)
-        return (cols @ self._wmat()).reshape(n, ho, wo, self.c_out)
+        wmat = self._wmat() if out_scale is None else self._wmat() * out_scale
+        return (cols @ wmat).reshape(n, ho, wo, self.c_out)
 
     def conv_backward(self, dout, need_dx=True):
         """dL/dy (N, Ho, Wo, C_out) -> dL/dx; adds dL/dW into grads['weight']."""
@@ -341,17 +343,17 @@ class BasicBlock(Module):
     def __init__(self, c_in, c_out, stride, rng, xp=np, dtype=np.float32, fast=False):
         super().__init__(xp, dtype)
         kw = dict(xp=xp, dtype=dtype)
-        if fast:   # the stride-1 convolutions as shifted GEMMs (fast.py), same math
-            from .fast import ShiftConv2d as Conv3x3
+        if fast:   # the chunked im2col of fast.py: same math, less memory traffic
+            from .fast import FastConv2d as Conv
         else:
-            Conv3x3 = Conv2d
-        self.conv1 = (Conv3x3 if stride == 1 else Conv2d)(c_in, c_out, 3, stride, 1, bias=False, rng=rng, **kw)
+            Conv = Conv2d
+        self.conv1 = Conv(c_in, c_out, 3, stride, 1, bias=False, rng=rng, **kw)
         self.bn1 = BatchNorm2d(c_out, **kw)
         self.relu1 = ReLU(**kw)
-        self.conv2 = Conv3x3(c_out, c_out, 3, 1, 1, bias=False, rng=rng, **kw)
+        self.conv2 = Conv(c_out, c_out, 3, 1, 1, bias=False, rng=rng, **kw)
         self.bn2 = BatchNorm2d(c_out, **kw)
         if stride != 1 or c_in != c_out:
-            self.shortcut = Sequential(Conv2d(c_in, c_out, 1, stride, 0, bias=False, rng=rng, **kw),
+            self.shortcut = Sequential(Conv(c_in, c_out, 1, stride, 0, bias=False, rng=rng, **kw),
                                        BatchNorm2d(c_out, **kw), **kw)
         else:
             self.shortcut = Sequential(**kw)   # empty: the identity

@@ -132,7 +132,9 @@ def test_backward_without_input_gradient_gives_same_parameter_gradients():
     full = net.grads()
     net.forward(x); net.zero_grad()
     assert net.backward(r, need_dx=False) is None
-    assert all(np.array_equal(full[k], g) for k, g in net.grads().items())
+    # the first block then takes its Gram-matrix path (fast.py): equal up to summation order
+    for k, g in net.grads().items():
+        np.testing.assert_allclose(g, full[k], rtol=0, atol=1e-12 * np.abs(full[k]).max(), err_msg=k)
 
 
 def test_adam_steps_by_hand():

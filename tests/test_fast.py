@@ -41,33 +41,29 @@ def _compare(plain, quick, x, train, tol=1e-10):
         np.testing.assert_allclose(g2[k], g1[k], rtol=0, atol=tol * scale, err_msg=k)
 
 
-@pytest.mark.parametrize("k,h,w", [(3, 8, 8), (3, 7, 9), (5, 8, 8), (1, 6, 6)])
-def test_shift_conv_matches_im2col(xp, k, h, w):
+@pytest.mark.parametrize("k,stride,padding,h,w", [(3, 1, 1, 8, 8), (3, 2, 1, 7, 9), (5, 1, 2, 8, 8),
+                                                  (1, 2, 0, 6, 6), (3, 1, 0, 6, 7)])
+def test_fast_conv_matches_plain(xp, k, stride, padding, h, w):
     rng = np.random.default_rng(0)
-    plain = L.Conv2d(8, 2, k, 1, (k - 1) // 2, rng=rng, xp=xp, dtype=F64)
-    quick = fast.ShiftConv2d(8, 2, k, rng=rng, xp=xp, dtype=F64)
-    quick.MAX_BORDER_OVERHEAD = 10.0            # force the shifted path even on tiny images
+    plain = L.Conv2d(40, 3, k, stride, padding, rng=rng, xp=xp, dtype=F64)
+    quick = fast.FastConv2d(40, 3, k, stride, padding, rng=rng, xp=xp, dtype=F64)
+    quick.CHUNK_FLOATS = 500                  # several chunks even for this tiny batch
     _copy_params(plain, quick)
-    x = xp.asarray(rng.standard_normal((2, h, w, 8)))
+    x = xp.asarray(rng.standard_normal((5, h, w, 40)))
     _compare(plain, quick, x, True)
-    assert isinstance(quick.cache[0], str)          # the shifted path was taken
+    assert quick.cache[0] == "chunked" and len(quick._chunks(5, *quick.forward(x).shape[1:3], 40)) > 1
 
 
-def test_shift_conv_gradients_and_fallback():
+def test_fast_conv_gradients_and_narrow_fallback():
     rng = np.random.default_rng(1)
-    conv = fast.ShiftConv2d(4, 2, 3, rng=rng, dtype=F64)
-    conv.MAX_BORDER_OVERHEAD = 10.0
-    errors = gradcheck.check_layer(conv, rng.standard_normal((2, 5, 6, 4)))
+    conv = fast.FastConv2d(4, 2, 3, 2, 1, rng=rng, dtype=F64)
+    conv.CHUNK_FLOATS = 500
+    errors = gradcheck.check_layer(conv, rng.standard_normal((3, 5, 6, 4)))
     assert max(errors.values()) < 1e-6, errors
-    assert isinstance(conv.cache[0], str)
-    conv.MAX_BORDER_OVERHEAD = 0.35
-    conv.forward(rng.standard_normal((2, 3, 3, 4)))       # 5x5 padded grid: too much border
-    assert not isinstance(conv.cache[0], str)
-    narrow = fast.ShiftConv2d(1, 8, 3, rng=rng, dtype=F64)
-    narrow.forward(rng.standard_normal((2, 28, 28, 1)))  # one input channel: im2col is cheaper
+    assert conv.cache[0] == "chunked"
+    narrow = fast.FastConv2d(1, 8, 3, 1, 1, rng=rng, dtype=F64)
+    narrow.forward(rng.standard_normal((2, 28, 28, 1)))  # one input channel: whole im2col, kept
     assert not isinstance(narrow.cache[0], str)
-    with pytest.raises(ValueError, match="stride 1 and 'same' padding"):
-        fast.ShiftConv2d(2, 3, 3, stride=2)
 
 
 def _blocks(xp, c_in, seed, conv_cls=L.Conv2d, c_out=5):
@@ -100,13 +96,13 @@ def test_conv_block_matches_plain_sequence(xp, train, c_in, h):
     assert [n for n, _ in quick.named_modules("e")] == ["e", "e.0", "e.1", "e.2", "e.3"]
 
 
-def test_conv_block_with_shift_conv_and_ties():
+def test_conv_block_with_fast_conv_and_ties():
     """Binary images give exactly equal conv outputs over flat regions: first-winner ties."""
-    plain, quick = _blocks(np, 8, 4, conv_cls=fast.ShiftConv2d)
-    quick.conv.MAX_BORDER_OVERHEAD = 10.0
+    plain, quick = _blocks(np, 8, 4, conv_cls=fast.FastConv2d)
+    quick.conv.CHUNK_FLOATS = 3000
     x = (np.random.default_rng(5).random((4, 12, 12, 8)) > 0.8).astype(F64)
     _compare(plain, quick, x, True)
-    assert isinstance(quick.conv.cache[0], str)      # the shifted path was taken
+    assert quick.conv.cache[0] == "chunked"
 
 
 def test_conv_block_gradients():

@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Alternate scratchproto's and PyTorch's episode timings in one sitting and print the ratio.
+
+  python benchmarks/compare.py --torch-python ../torchref/bin/python --backbone convnet --way 60 --rounds 5
+
+Each round runs benchmarks/episode.py and then the reference's `time` command
+(../shared/reference/torch_protonet.py), each as a fresh process timing --episodes episodes after
+warm-up; the figures are the medians over rounds of those per-process medians.
+"""
+import argparse
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+REF = HERE.parents[1] / "shared" / "reference" / "torch_protonet.py"
+
+
+def run(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(re.search(r"sec/episode=([0-9.]+)", out).group(1)), out.strip().splitlines()[0]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--torch-python", required=True, help="a Python that has torch")
+    p.add_argument("--reference", default=str(REF), help="path of torch_protonet.py")
+    p.add_argument("--backbone", default="convnet")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--way", type=int, default=60)
+    p.add_argument("--shot", type=int, default=5)
+    p.add_argument("--query", type=int, default=5)
+    p.add_argument("--episodes", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5)
+    a = p.parse_args()
+    shape = ["--backbone", a.backbone, "--way", str(a.way), "--shot", str(a.shot), "--query", str(a.query),
+             "--episodes", str(a.episodes)]
+    ours_cmd = [sys.executable, str(HERE / "episode.py"), *shape, "--device", a.device, "--no-layers"]
+    ref_cmd = [a.torch_python, a.reference, "time", *shape, "--device", "cuda" if a.device == "gpu" else "cpu"]
+    ours, ref = [], []
+    for r in range(a.rounds):
+        t, line = run(ours_cmd)
+        ours.append(t)
+        print(f"round {r + 1} {line}", flush=True)
+        t, line = run(ref_cmd)
+        ref.append(t)
+        print(f"round {r + 1} {line}", flush=True)
+    mo, mr = statistics.median(ours), statistics.median(ref)
+    print(f"median sec/episode: scratchproto {mo:.4f}  pytorch {mr:.4f}  ratio {mo / mr:.2f}")
+
+
+if __name__ == "__main__":
+    main()
