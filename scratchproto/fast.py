@@ -37,10 +37,9 @@ class FastConv2d(Conv2d):
     CHUNK_FLOATS = 1 << 23        # about 32 MB of im2col rows per chunk
     NARROW_K = 32                 # k*k*C_in up to this: plain im2col
 
-    def _window_view(self, xpad, n0, n1, ho, wo):
-        """(n1 - n0, Ho, Wo, k, k, C) view of the padded images n0..n1: no copy."""
+    def _window_view(self, xpad, n0, n1, ho, wo, st):
+        """(n1 - n0, Ho, Wo, k, k, C) view of the padded images n0..n1 at stride st: no copy."""
         s0, s1, s2, s3 = xpad.strides
-        st = self.stride
         return self.xp.lib.stride_tricks.as_strided(
             xpad[n0:n1], shape=(n1 - n0, ho, wo, self.k, self.k, xpad.shape[3]),
             strides=(s0, st * s1, st * s2, s1, s2, s3))
@@ -50,30 +49,49 @@ class FastConv2d(Conv2d):
         step = max(1, self.CHUNK_FLOATS // per_image)
         return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
 
-    def _cols(self, xpad, n0, n1, ho, wo):
-        """im2col rows of images n0..n1, in a reused buffer."""
+    def _cols(self, xpad, n0, n1, ho, wo, stride, name="cols_chunk"):
+        """im2col rows of padded images n0..n1, in a reused buffer."""
         kkc = self.k * self.k * xpad.shape[3]
-        buf = self.workspace("cols_chunk", (self._chunk_images * ho * wo, kkc), xpad.dtype)
-        cols = buf[:(n1 - n0) * ho * wo]
-        cols.reshape(n1 - n0, ho, wo, self.k, self.k, -1)[...] = self._window_view(xpad, n0, n1, ho, wo)
+        step = self._chunks(xpad.shape[0], ho, wo, xpad.shape[3])[0][1]
+        cols = self.workspace(name, (step * ho * wo, kkc), xpad.dtype)[:(n1 - n0) * ho * wo]
+        cols.reshape(n1 - n0, ho, wo, self.k, self.k, -1)[...] = self._window_view(xpad, n0, n1, ho, wo, stride)
         return cols
 
-    def conv(self, x, out_scale=None):
-        xp, k, s, p = self.xp, self.k, self.stride, self.padding
+    def _correlate(self, x, wmat, pad, stride, name, reuse=False):
+        """sum over taps of the padded x (N, H, W, C) times wmat (k*k*C, C_out), chunk by chunk.
+        Returns (y (N, Ho, Wo, C_out), the padded x, which is a workspace named name)."""
+        xp, k = self.xp, self.k
         n, h, w, c = x.shape
-        if k * k * c <= self.NARROW_K:
-            return super().conv(x, out_scale)
-        ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-        xpad = self.workspace("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, zero_border=p)
-        xpad[:, p:p + h, p:p + w] = x
-        chunks = self._chunks(n, ho, wo, c)
-        self._chunk_images = chunks[0][1]
+        ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        xpad = self.workspace(name, (n, h + 2 * pad, w + 2 * pad, c), x.dtype, zero_border=pad)
+        xpad[:, pad:pad + h, pad:pad + w] = x
+        shape = (n * ho * wo, wmat.shape[1])
+        y = self.workspace(name + "_out", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
+        for n0, n1 in self._chunks(n, ho, wo, c):
+            xp.matmul(self._cols(xpad, n0, n1, ho, wo, stride), wmat, out=y[n0 * ho * wo:n1 * ho * wo])
+        return y.reshape(n, ho, wo, -1), xpad
+
+    def conv(self, x, out_scale=None, reuse=False):
+        """As Conv2d.conv; ``reuse``: the output may live in a buffer this layer's next call
+        overwrites (for a caller that is done with it by then, like ConvBlock)."""
         wmat = self._wmat() if out_scale is None else self._wmat() * out_scale
-        y = xp.empty((n * ho * wo, self.c_out), dtype=x.dtype)
-        for n0, n1 in chunks:
-            xp.matmul(self._cols(xpad, n0, n1, ho, wo), wmat, out=y[n0 * ho * wo:n1 * ho * wo])
+        if self.k * self.k * x.shape[3] <= self.NARROW_K:
+            # keep the whole (small) im2col matrix for the backward pass, as Conv2d does
+            xp, k, s, p = self.xp, self.k, self.stride, self.padding
+            n, h, w, c = x.shape
+            ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+            xpad = self.workspace("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, zero_border=p)
+            xpad[:, p:p + h, p:p + w] = x
+            cols = self.workspace("cols", (n * ho * wo, k * k * c), x.dtype)
+            cols.reshape(n, ho, wo, k, k, c)[...] = self._window_view(xpad, 0, n, ho, wo, s)
+            shape = (n * ho * wo, self.c_out)
+            y = self.workspace("y", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
+            xp.matmul(cols, wmat, out=y)
+            self.cache = (cols, x.shape)
+            return y.reshape(n, ho, wo, self.c_out)
+        y, xpad = self._correlate(x, wmat, self.padding, self.stride, "xpad", reuse)
         self.cache = ("chunked", x.shape, xpad)
-        return y.reshape(n, ho, wo, self.c_out)
+        return y
 
     def conv_backward(self, dout, need_dx=True):
         if not isinstance(self.cache[0], str):       # the narrow case kept whole im2col
@@ -82,22 +100,26 @@ class FastConv2d(Conv2d):
         _, (n, h, w, c), xpad = self.cache
         ho, wo = dout.shape[1:3]
         dy = dout.reshape(-1, self.c_out)
-        wmat = self._wmat()
         dw = xp.zeros((k * k * c, self.c_out), dtype=dout.dtype)
-        dxpad = xp.zeros(xpad.shape, dtype=dout.dtype) if need_dx else None
         for n0, n1 in self._chunks(n, ho, wo, c):
-            rows = slice(n0 * ho * wo, n1 * ho * wo)
-            dw += self._cols(xpad, n0, n1, ho, wo).T @ dy[rows]
-            if need_dx:
-                dcols = self.workspace("dcols_chunk", (self._chunk_images * ho * wo, k * k * c), dout.dtype)
-                dcols = dcols[:(n1 - n0) * ho * wo]
-                xp.matmul(dy[rows], wmat.T, out=dcols)
-                dc = dcols.reshape(n1 - n0, ho, wo, k, k, c)
-                for i, j, win in self._windows(n, ho, wo):
-                    dxpad[(slice(n0, n1),) + win[1:]] += dc[:, :, :, i, j]
+            dw += self._cols(xpad, n0, n1, ho, wo, s).T @ dy[n0 * ho * wo:n1 * ho * wo]
         self.grads["weight"] += dw.reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1)
         if not need_dx:
             return None
+        if s == 1 and h + 2 * p - k + 1 == ho:
+            # dx is the correlation of dy, padded by k-1-p, with the kernel flipped and its
+            # in/out swapped: the forward machinery again, instead of scattering dcols (col2im)
+            w_flip = self.params["weight"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1)  # (kh, kw, out, in)
+            dx, _ = self._correlate(xp.ascontiguousarray(dout), w_flip.reshape(-1, c),
+                                    k - 1 - p, 1, "dypad")
+            return dx
+        wmat = self._wmat()
+        dxpad = xp.zeros(xpad.shape, dtype=dout.dtype)
+        for n0, n1 in self._chunks(n, ho, wo, c):
+            dcols = dy[n0 * ho * wo:n1 * ho * wo] @ wmat.T
+            dc = dcols.reshape(n1 - n0, ho, wo, k, k, c)
+            for i, j, win in self._windows(n, ho, wo):
+                dxpad[(slice(n0, n1),) + win[1:]] += dc[:, :, :, i, j]      # col2im
         return xp.ascontiguousarray(dxpad[:, p:p + h, p:p + w]) if p else dxpad
 
 
@@ -128,7 +150,7 @@ class ConvBlock(Sequential):
         # Work with y' = sign(gamma) * conv(x), folded into the weights: BatchNorm's scale on y'
         # is then >= 0 everywhere and max-pooling y' is pooling the normalised output.
         sign = xp.where(gamma >= 0, 1, -1).astype(gamma.dtype)
-        y = self.conv.conv(x, out_scale=sign)       # no bias: BatchNorm's mean absorbs it
+        y = self.conv.conv(x, out_scale=sign, reuse=True)   # no bias: BatchNorm's mean absorbs it
         m = y.size // bn.c
         b = self.conv.params.get("bias")
         cols = self.conv.cache[0]

@@ -109,9 +109,10 @@ class Conv2d(Module):
         return self.conv_backward(dout, need_dx)
 
     # The bias-free core, also used by the fused ConvNet block (fast.py).
-    def conv(self, x, out_scale=None):
+    def conv(self, x, out_scale=None, reuse=False):
         """x (N, H, W, C_in) -> x * W (N, Ho, Wo, C_out), no bias; caches the im2col matrix.
-        ``out_scale`` (C_out,) multiplies the output channels (through the weights, for free)."""
+        ``out_scale`` (C_out,) multiplies the output channels (through the weights, for free);
+        ``reuse``: the output may live in a buffer that this layer's next call overwrites."""
         xp, k, s, p = self.xp, self.k, self.stride, self.padding
         n, h, w, c = x.shape
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
@@ -126,7 +127,10 @@ class Conv2d(Module):
         cols = cols.reshape(n * ho * wo, k * k * c)
         self.cache = (cols, x.shape)
         wmat = self._wmat() if out_scale is None else self._wmat() * out_scale
-        return (cols @ wmat).reshape(n, ho, wo, self.c_out)
+        shape = (n * ho * wo, self.c_out)
+        y = self.workspace("y", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
+        xp.matmul(cols, wmat, out=y)
+        return y.reshape(n, ho, wo, self.c_out)
 
     def conv_backward(self, dout, need_dx=True):
         """dL/dy (N, Ho, Wo, C_out) -> dL/dx; adds dL/dW into grads['weight']."""
