@@ -1,0 +1,89 @@
+"""run.py as a user meets it: help, one-line errors with a non-zero exit, the three modes."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import REPO
+
+pytestmark = pytest.mark.usefixtures("omniglot")
+
+
+def run(*args, data=None):
+    cmd = [sys.executable, str(REPO / "run.py"), *args, "--no-progress"]
+    if data is not None:
+        cmd += ["--data", str(data), "--mirror", "http://127.0.0.1:9/offline"]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+
+
+def test_help_lists_the_protocol_and_its_defaults():
+    p = run("--help")
+    assert p.returncode == 0
+    for text in ("--train-way", "(default: 60)", "--patience", "(default: 200)", "--lr-step", "--trainval",
+                 "--resume", "--eval", "--plot", "--standard", "--mirror", "SCRATCHPROTO_MIRROR"):
+        assert text in p.stdout, text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--train-way", "0"], "error: way must be a positive integer, got 0"),
+    (["--val-shot", "-2"], "error: shot must be a positive integer, got -2"),
+    (["--train-way", "5000"], "error: way = 5000 exceeds the 4112 classes of split 'train'"),
+    (["--train-shot", "15", "--train-query", "6"], "error: shot + query = 21 exceeds the 20 drawers"),
+    (["--epochs", "0"], "error: epochs must be positive, got 0"),
+    (["--eval", "missing.npz"], "error: no checkpoint at missing.npz"),
+    (["--plot", "nowhere"], "error: no trace at nowhere/trace.jsonl"),
+    (["--resume", "nowhere"], "error: nowhere is not a run folder to resume"),
+    (["--eval", "x.npz", "--plot", "y"], "error: choose one of --resume, --eval and --plot"),
+])
+def test_bad_requests_give_one_line_and_exit_2(omniglot, args, message):
+    p = run(*args, data=omniglot.root)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == [message] or (
+        len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith(message)), p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_unknown_backbone_is_refused_by_the_parser():
+    p = run("--backbone", "vgg")
+    assert p.returncode == 2 and "invalid choice: 'vgg'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_foreign_checkpoint(omniglot, tmp_path):
+    np.savez(tmp_path / "other.npz", w=np.zeros(2))
+    p = run("--eval", str(tmp_path / "other.npz"), data=omniglot.root)
+    assert p.returncode == 2 and "is not a scratchproto checkpoint" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_train_then_eval_then_plot(omniglot, tmp_path):
+    out = tmp_path / "run"
+    tiny = ["--width", "8", "--device", "cpu", "--epochs", "1", "--train-way", "5", "--train-shot", "2",
+            "--train-query", "2", "--train-episodes", "2", "--val-way", "3", "--val-episodes", "2"]
+    p = run(*tiny, "--out", str(out), data=omniglot.root)
+    assert p.returncode == 0, p.stderr
+    assert "epoch    1" in p.stdout and "val loss" in p.stdout and "done after epoch 1" in p.stdout
+    again = run(*tiny, "--out", str(out), data=omniglot.root)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    p = run("--eval", str(out / "best.npz"), "--way", "5", "--shot", "1", "--query", "3", "--episodes", "3",
+            "--device", "cpu", data=omniglot.root)
+    assert p.returncode == 0, p.stderr
+    assert "test 5-way 1-shot 3-query, 3 episodes: acc" in p.stdout and "95% CI" in p.stdout
+    result = json.loads((out / "eval.json").read_text())
+    assert result["results"][0]["way"] == 5 and result["split"] == "test"
+    (out / "curves.png").unlink()
+    p = run("--plot", str(out))
+    assert p.returncode == 0 and (out / "curves.png").exists()
+
+
+def test_gpu_request_without_gpu_warns_once_and_falls_back(capsys):
+    from scratchproto import backend
+    if backend._cupy_or_reason()[0] is not None:
+        pytest.skip("a GPU is present here")
+    assert backend.get_xp("gpu") is np
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: --device gpu asked for, but ")
+    assert err[0].endswith("falling back to NumPy on the CPU")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        backend.get_xp("tpu")

@@ -1,0 +1,141 @@
+"""Training, resuming, divergence, evaluation and figures, on a tiny configuration."""
+import json
+
+import numpy as np
+import pytest
+
+import scratchproto as sp
+from scratchproto import checkpoint, trainer
+from scratchproto.protonet import ProtoNet
+
+
+def tiny(omniglot, **kw):
+    cfg = dict(backbone="convnet", width=8, device="cpu", epochs=2, train_way=5, train_shot=2,
+               train_query=2, train_episodes=3, val_way=3, val_shot=2, val_query=3, val_episodes=2,
+               seed=7, data=str(omniglot.root), mirror="http://127.0.0.1:9/offline")
+    cfg.update(kw)
+    return trainer.Config(**cfg)
+
+
+def traces(run_dir):
+    """The trace without the wall-clock seconds, which differ from run to run."""
+    out = []
+    for line in (run_dir / "trace.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        r.pop("seconds")
+        out.append(r)
+    return out
+
+
+def test_short_run_produces_every_file(omniglot, tmp_path):
+    run = trainer.train(tiny(omniglot), out=tmp_path / "run", progress=False, log=lambda *a: None)
+    names = {p.name for p in run.iterdir()}
+    assert names == {"config.json", "trace.jsonl", "best.npz", "last.npz", "curves.png", "nc_train.png",
+                     "nc_val.png"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["train_way"] == 5 and config["device"] == "cpu"
+    assert config["versions"]["numpy"] == np.__version__ and config["parameters"] > 0
+    records = traces(run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert set(records[0]) == {"epoch", "lr", "train", "val"}
+    for part in ("train", "val"):
+        assert set(records[0][part]) == set(trainer.metric_keys())
+        assert all(np.isfinite(v) for v in records[0][part].values())
+    meta, state, adam = checkpoint.load(run / "last.npz")
+    assert meta["epoch"] == 2 and meta["backbone"] == "convnet" and meta["width"] == 8
+    assert "encoder.0.0.weight" in state and state["encoder.0.0.weight"].shape == (8, 1, 3, 3)
+    assert int(adam["t"]) == 6                       # 2 epochs x 3 episodes
+    # the PNGs are real images
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_and_resumed_run_gives_the_same_trace(omniglot, tmp_path, monkeypatch):
+    straight = trainer.train(tiny(omniglot, epochs=3), out=tmp_path / "a", progress=False, log=lambda *a: None)
+
+    calls = {"n": 0}
+    real = ProtoNet.episode
+
+    def interrupt_in_epoch_3(self, xs, xq, train=True):
+        calls["n"] += 1
+        if calls["n"] == 2 * 5 + 2:     # epochs have 3 + 2 episodes: this is epoch 3's second
+            raise KeyboardInterrupt
+        return real(self, xs, xq, train)
+    monkeypatch.setattr(ProtoNet, "episode", interrupt_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(tiny(omniglot, epochs=3), out=tmp_path / "b", progress=False, log=lambda *a: None)
+    monkeypatch.setattr(ProtoNet, "episode", real)
+    assert checkpoint.load(tmp_path / "b" / "last.npz")[0]["epoch"] == 2
+    trainer.train(resume=tmp_path / "b", progress=False, log=lambda *a: None)
+    assert traces(tmp_path / "b") == traces(straight)
+    # and continuing a finished run further, with a larger epoch limit
+    trainer.train(resume=tmp_path / "b", overrides={"epochs": 4}, progress=False, log=lambda *a: None)
+    assert [r["epoch"] for r in traces(tmp_path / "b")] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_other_settings(omniglot, tmp_path):
+    trainer.train(tiny(omniglot, epochs=1), out=tmp_path / "r", progress=False, log=lambda *a: None)
+    with pytest.raises(sp.UserError, match="only epochs, patience, device may change"):
+        trainer.train(resume=tmp_path / "r", overrides={"lr": 0.5}, progress=False)
+    with pytest.raises(sp.UserError, match="is not a run folder to resume"):
+        trainer.train(resume=tmp_path / "nothing", progress=False)
+
+
+def test_a_run_folder_is_never_overwritten(omniglot, tmp_path):
+    trainer.train(tiny(omniglot, epochs=1), out=tmp_path / "r", progress=False, log=lambda *a: None)
+    with pytest.raises(sp.UserError, match="already holds a run: continue it with --resume"):
+        trainer.train(tiny(omniglot, epochs=1), out=tmp_path / "r", progress=False)
+
+
+def test_divergence_stops_with_a_clear_message(omniglot, tmp_path, monkeypatch):
+    real = ProtoNet.episode
+    calls = {"n": 0}
+
+    def nan_in_epoch_2(self, xs, xq, train=True):
+        calls["n"] += 1
+        res = real(self, xs, xq, train)
+        if calls["n"] == 5 + 2:         # epoch 2, training episode 2
+            res["loss"] = float("nan")
+        return res
+    monkeypatch.setattr(ProtoNet, "episode", nan_in_epoch_2)
+    with pytest.raises(trainer.Diverged, match=r"the loss became nan in epoch 2 \(training\), episode 2; "
+                                               r"stopped. The last good checkpoint is .*last.npz \(epoch 1\)"):
+        trainer.train(tiny(omniglot, epochs=3), out=tmp_path / "d", progress=False, log=lambda *a: None)
+    assert checkpoint.load(tmp_path / "d" / "last.npz")[0]["epoch"] == 1
+
+
+def test_early_stopping_and_trainval(omniglot, tmp_path):
+    run = trainer.train(tiny(omniglot, epochs=6, patience=1, lr=1e-9), out=tmp_path / "p", progress=False,
+                        log=lambda *a: None)
+    n = len(traces(run))
+    assert n < 6                      # with a frozen model the val loss stops improving at once
+    run = trainer.train(tiny(omniglot, epochs=1, trainval=True), out=tmp_path / "tv", progress=False,
+                        log=lambda *a: None)
+    assert "val" not in traces(run)[0] and (run / "best.npz").exists() and not (run / "nc_val.png").exists()
+
+
+def test_evaluate_standard_settings(omniglot, tmp_path):
+    run = trainer.train(tiny(omniglot, epochs=1), out=tmp_path / "e", progress=False, log=lambda *a: None)
+    out = trainer.evaluate(run / "best.npz", trainer.STANDARD, split="test", query=3, n=4, device="cpu",
+                           data=str(omniglot.root), progress=False)
+    assert [(r["way"], r["shot"]) for r in out["results"]] == [(5, 1), (5, 5), (20, 1), (20, 5)]
+    for r in out["results"]:
+        assert 0 <= r["acc"] <= 1 and r["acc_ci95"] >= 0 and r["episodes"] == 4
+        assert r["nc1_support"] >= 0
+    one_shot = out["results"][0]
+    assert one_shot["nc1_support"] == 0.0   # one support image per class: no within-class spread
+
+
+def test_evaluate_errors(omniglot, tmp_path):
+    with pytest.raises(sp.UserError, match="no checkpoint at"):
+        trainer.evaluate(tmp_path / "none.npz", [(5, 5)], data=str(omniglot.root), progress=False)
+    np.savez(tmp_path / "foreign.npz", weights=np.zeros(3))
+    with pytest.raises(sp.UserError, match="is not a scratchproto checkpoint"):
+        trainer.evaluate(tmp_path / "foreign.npz", [(5, 5)], data=str(omniglot.root), progress=False)
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(sp.UserError, match="is not a scratchproto checkpoint"):
+        trainer.evaluate(tmp_path / "text.npz", [(5, 5)], data=str(omniglot.root), progress=False)
+
+
+def test_plot_needs_a_trace(tmp_path):
+    with pytest.raises(sp.UserError, match="no trace at"):
+        sp.plots.plot_run(tmp_path)
