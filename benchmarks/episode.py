@@ -75,6 +75,8 @@ def main():
     p.add_argument("--query", type=int, default=5)
     p.add_argument("--episodes", type=int, default=10, help="timed episodes after 2 warm-up ones")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
+    p.add_argument("--data", help="an Omniglot folder (see run.py --data): also time drawing real "
+                                  "episodes (the sampler and the copy to the device)")
     a = p.parse_args()
 
     xp = backend.get_xp(a.device)
@@ -127,9 +129,19 @@ def main():
     opt.step()
     backend.synchronize(xp)
     totals[("Adam step", "")] = time.perf_counter() - t
+    if a.data:
+        ds = sp.Omniglot(a.data, progress=False)
+        gen = sp.episodes(ds, "train", a.way, a.shot, a.query, n=11, seed=0, device=xp)
+        next(gen)
+        t = time.perf_counter()
+        for _ in range(10):
+            next(gen)
+        backend.synchronize(xp)
+        totals[("episode sampling + copy", "")] = (time.perf_counter() - t) / 10
     print(f"{'part':<28}{'direction':<18}{'seconds':>9}{'share':>8}")
     total = sum(v for (k, d), v in totals.items() if k == "(whole backbone)") + sum(
-        v for (k, d), v in totals.items() if k in ("ProtoNet loss", "NC metrics (support+query)", "Adam step"))
+        v for (k, d), v in totals.items()
+        if k in ("ProtoNet loss", "NC metrics (support+query)", "Adam step", "episode sampling + copy"))
     for (kind, direction), v in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"{kind:<28}{direction:<18}{v:9.4f}{100 * v / total:7.1f}%")
 

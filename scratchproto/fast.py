@@ -5,7 +5,9 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
 
 * FastConv2d: im2col in chunks of images, each built by one copy from a strided window view,
   so the k*k-times-larger im2col matrix (271 MB for the second ConvNet block) is never stored
-  whole, and its buffer is reused rather than allocated (and page-faulted) on every call.
+  whole, and its buffer is reused rather than allocated (and page-faulted) on every call. The
+  input gradient of a stride-1 convolution is the correlation of dy with the flipped kernel,
+  computed by the same machinery instead of scattering dcols back (col2im).
 
 * ConvBlock: a ConvNet block, conv -> BatchNorm -> ReLU -> 2x2 max-pool, fused. Max-pooling
   commutes with the ReLU and with BatchNorm's per-channel affine map y -> s*y + t where s >= 0;
@@ -16,7 +18,9 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
   into a few per-channel sums over the quarter plus dy = B*y + C everywhere and a*dz at the
   winners. It picks the same winner as PyTorch's relu-then-pool (the first maximum in window
   order), except where float32 rounding ties s*y1 + t == s*y2 + t for y1 != y2, and for a channel
-  with gamma exactly 0.
+  with gamma exactly 0. For the 1-channel first block (im2col rows 9 wide) the batch statistics
+  and dW follow from the 9 x 9 Gram matrix of the im2col rows, without passes over its 120 MB
+  output.
 
 tests/test_fast.py checks both against the plain layers, in float64, to rounding.
 """
@@ -28,10 +32,11 @@ from .layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU, Sequential
 class FastConv2d(Conv2d):
     """Conv2d whose im2col matrix never exists whole: it is built chunk by chunk of images, each
     chunk with one copy from a strided window view of the padded input, used for its GEMM and
-    dropped; the backward pass rebuilds each chunk for dW and scatters dcols chunk by chunk.
+    dropped; the backward pass rebuilds each chunk for dW, and gets dx as a correlation of dy
+    with the flipped kernel (stride 1) or by scattering dcols chunk by chunk (col2im).
 
     Same math as Conv2d (any k, stride, padding). Where k*k*C_in is small (the 1-channel first
-    layer: 9) the whole matrix is small too, and it is kept as Conv2d keeps it.
+    layer: 9) the whole matrix is small too, and it is kept for the backward pass as Conv2d does.
     """
 
     CHUNK_FLOATS = 1 << 23        # about 32 MB of im2col rows per chunk
@@ -106,7 +111,7 @@ class FastConv2d(Conv2d):
         self.grads["weight"] += dw.reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1)
         if not need_dx:
             return None
-        if s == 1 and h + 2 * p - k + 1 == ho:
+        if s == 1 and p <= k - 1:
             # dx is the correlation of dy, padded by k-1-p, with the kernel flipped and its
             # in/out swapped: the forward machinery again, instead of scattering dcols (col2im)
             w_flip = self.params["weight"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1)  # (kh, kw, out, in)
