@@ -32,6 +32,8 @@ def test_help_lists_the_protocol_and_its_defaults():
     (["--train-way", "5000"], "error: way = 5000 exceeds the 4112 classes of split 'train'"),
     (["--train-shot", "15", "--train-query", "6"], "error: shot + query = 21 exceeds the 20 drawers"),
     (["--epochs", "0"], "error: epochs must be positive, got 0"),
+    (["--width", "0"], "error: width must be positive, got 0"),
+    (["--lr", "0"], "error: need lr > 0, 0 < lr-gamma <= 1 and weight-decay >= 0"),
     (["--eval", "missing.npz"], "error: no checkpoint at missing.npz"),
     (["--plot", "nowhere"], "error: no trace at nowhere/trace.jsonl"),
     (["--resume", "nowhere"], "error: nowhere is not a run folder to resume"),

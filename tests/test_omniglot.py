@@ -142,6 +142,37 @@ def test_split_file_missing_a_line_is_rejected(tmp_path):
         sp.Omniglot(root=root, mirror=str(MIRROR), progress=False)
 
 
+def test_split_file_with_unknown_class_or_bad_bytes(omniglot, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(omniglot.root, root)
+    lines = (root / "splits/vinyals/test.txt").read_text().splitlines()
+    (root / "splits/vinyals/test.txt").write_text("\n".join(lines[:-1] + ["Klingon/character01/rot000"]))
+    with pytest.raises(og.DataError, match=r"test.txt names classes not in Omniglot \(e.g. "
+                                           r"'Klingon/character01/rot000'\); delete it and re-run"):
+        sp.Omniglot(root=root, progress=False)
+    (root / "splits/vinyals/test.txt").write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(og.DataError, match=r"test.txt cannot be read as a split file .*delete it and re-run"):
+        sp.Omniglot(root=root, progress=False)
+
+
+def test_archive_with_the_right_pixels_but_wrong_layout(tmp_path, monkeypatch):
+    """The digest covers the pixels, not how members group into characters: checked separately."""
+    with zipfile.ZipFile(MIRROR / "images_background.zip") as zf:
+        members = sorted(m for m in zf.namelist() if m.endswith(".png"))[:3]
+        small = tmp_path / "images_background.zip"
+        with zipfile.ZipFile(small, "w") as out:
+            for m in members:
+                out.writestr(m, zf.read(m))
+    import hashlib
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(small) as zf:
+        for m in sorted(zf.namelist()):
+            digest.update(np.packbits(np.asarray(Image.open(io.BytesIO(zf.read(m))), dtype=bool)).tobytes())
+    monkeypatch.setitem(og.ARCHIVES, "images_background", digest.hexdigest())
+    with pytest.raises(og._Invalid, match=r"has 1 characters and 3 images, expected \(964, 19280\)"):
+        og.read_archive(small, "images_background")
+
+
 def test_unreachable_mirror_gives_a_clear_error(tmp_path):
     with pytest.raises(og.DataError, match=r"could not download http://127.0.0.1:9/splits/vinyals/train.txt"):
         sp.Omniglot(root=tmp_path, mirror="http://127.0.0.1:9", progress=False)

@@ -123,6 +123,8 @@ def test_evaluate_standard_settings(omniglot, tmp_path):
         assert r["nc1_support"] >= 0
     one_shot = out["results"][0]
     assert one_shot["nc1_support"] == 0.0   # one support image per class: no within-class spread
+    with pytest.raises(sp.UserError, match="the number of episodes must be a positive integer, got 0"):
+        trainer.evaluate(run / "best.npz", [(5, 5)], n=0, data=str(omniglot.root), progress=False)
 
 
 def test_evaluate_errors(omniglot, tmp_path):
@@ -138,4 +140,7 @@ def test_evaluate_errors(omniglot, tmp_path):
 
 def test_plot_needs_a_trace(tmp_path):
     with pytest.raises(sp.UserError, match="no trace at"):
+        sp.plots.plot_run(tmp_path)
+    (tmp_path / "trace.jsonl").write_text("")
+    with pytest.raises(sp.UserError, match="is empty: the run has not finished an epoch yet"):
         sp.plots.plot_run(tmp_path)
