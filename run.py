@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import signal
 import sys
 
 import scratchproto as sp
@@ -101,7 +102,12 @@ def main(argv=None):
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt    # SIGTERM (kill, a batch scheduler) ends a run as Ctrl-C does
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         sys.exit(main())
     except sp.UserError as e:

@@ -5,7 +5,8 @@
 
 Each round runs benchmarks/episode.py and then the reference's `time` command
 (../shared/reference/torch_protonet.py), each as a fresh process timing --episodes episodes after
-warm-up; the figures are the medians over rounds of those per-process medians.
+warm-up; the figures are the medians over rounds of those per-process medians, and the median of
+the per-round ratios (each round's two runs saw the same machine load; the machines are shared).
 """
 import argparse
 import pathlib
@@ -48,7 +49,9 @@ def main():
         ref.append(t)
         print(f"round {r + 1} {line}", flush=True)
     mo, mr = statistics.median(ours), statistics.median(ref)
-    print(f"median sec/episode: scratchproto {mo:.4f}  pytorch {mr:.4f}  ratio {mo / mr:.2f}")
+    paired = statistics.median(o / r for o, r in zip(ours, ref))
+    print(f"median sec/episode: scratchproto {mo:.4f}  pytorch {mr:.4f}  ratio {mo / mr:.2f}  "
+          f"(median of the {a.rounds} per-round ratios: {paired:.2f})")
 
 
 if __name__ == "__main__":
