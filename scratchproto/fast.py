@@ -26,7 +26,7 @@ tests/test_fast.py checks both against the plain layers, in float64, to rounding
 """
 import numpy as np
 
-from .layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU, Sequential
+from .layers import Conv2d, MaxPool2d, ReLU, Sequential
 
 
 class FastConv2d(Conv2d):

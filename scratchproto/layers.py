@@ -134,7 +134,7 @@ class Conv2d(Module):
 
     def conv_backward(self, dout, need_dx=True):
         """dL/dy (N, Ho, Wo, C_out) -> dL/dx; adds dL/dW into grads['weight']."""
-        xp, k, s, p = self.xp, self.k, self.stride, self.padding
+        xp, k, p = self.xp, self.k, self.padding
         cols, (n, h, w, c) = self.cache
         ho, wo = dout.shape[1:3]
         dy = dout.reshape(-1, self.c_out)

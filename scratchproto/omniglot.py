@@ -24,7 +24,6 @@ import io
 import json
 import os
 import pathlib
-import shutil
 import urllib.parse
 import urllib.request
 import zipfile
