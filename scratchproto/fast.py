@@ -54,11 +54,10 @@ class FastConv2d(Conv2d):
         step = max(1, self.CHUNK_FLOATS // per_image)
         return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
 
-    def _cols(self, xpad, n0, n1, ho, wo, stride, name="cols_chunk"):
-        """im2col rows of padded images n0..n1, in a reused buffer."""
+    def _cols(self, xpad, n0, n1, ho, wo, stride, step):
+        """im2col rows of padded images n0..n1, in a buffer reused by every chunk of ``step`` images."""
         kkc = self.k * self.k * xpad.shape[3]
-        step = self._chunks(xpad.shape[0], ho, wo, xpad.shape[3])[0][1]
-        cols = self.workspace(name, (step * ho * wo, kkc), xpad.dtype)[:(n1 - n0) * ho * wo]
+        cols = self.workspace("cols_chunk", (step * ho * wo, kkc), xpad.dtype)[:(n1 - n0) * ho * wo]
         cols.reshape(n1 - n0, ho, wo, self.k, self.k, -1)[...] = self._window_view(xpad, n0, n1, ho, wo, stride)
         return cols
 
@@ -72,8 +71,10 @@ class FastConv2d(Conv2d):
         xpad[:, pad:pad + h, pad:pad + w] = x
         shape = (n * ho * wo, wmat.shape[1])
         y = self.workspace(name + "_out", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
-        for n0, n1 in self._chunks(n, ho, wo, c):
-            xp.matmul(self._cols(xpad, n0, n1, ho, wo, stride), wmat, out=y[n0 * ho * wo:n1 * ho * wo])
+        chunks = self._chunks(n, ho, wo, c)
+        for n0, n1 in chunks:
+            xp.matmul(self._cols(xpad, n0, n1, ho, wo, stride, chunks[0][1]), wmat,
+                      out=y[n0 * ho * wo:n1 * ho * wo])
         return y.reshape(n, ho, wo, -1), xpad
 
     def conv(self, x, out_scale=None, reuse=False):
@@ -106,8 +107,9 @@ class FastConv2d(Conv2d):
         ho, wo = dout.shape[1:3]
         dy = dout.reshape(-1, self.c_out)
         dw = xp.zeros((k * k * c, self.c_out), dtype=dout.dtype)
-        for n0, n1 in self._chunks(n, ho, wo, c):
-            dw += self._cols(xpad, n0, n1, ho, wo, s).T @ dy[n0 * ho * wo:n1 * ho * wo]
+        chunks = self._chunks(n, ho, wo, c)
+        for n0, n1 in chunks:
+            dw += self._cols(xpad, n0, n1, ho, wo, s, chunks[0][1]).T @ dy[n0 * ho * wo:n1 * ho * wo]
         self.grads["weight"] += dw.reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1)
         if not need_dx:
             return None
@@ -123,7 +125,7 @@ class FastConv2d(Conv2d):
         for n0, n1 in self._chunks(n, ho, wo, c):
             dcols = dy[n0 * ho * wo:n1 * ho * wo] @ wmat.T
             dc = dcols.reshape(n1 - n0, ho, wo, k, k, c)
-            for i, j, win in self._windows(n, ho, wo):
+            for i, j, win in self._windows(ho, wo):
                 dxpad[(slice(n0, n1),) + win[1:]] += dc[:, :, :, i, j]      # col2im
         return xp.ascontiguousarray(dxpad[:, p:p + h, p:p + w]) if p else dxpad
 

@@ -90,7 +90,7 @@ class Conv2d(Module):
         # (out, in, kh, kw) -> (kh*kw*in, out): the row order of an im2col patch
         return self.params["weight"].transpose(2, 3, 1, 0).reshape(-1, self.c_out)
 
-    def _windows(self, n, ho, wo):
+    def _windows(self, ho, wo):
         """Yield (i, j, slice of the padded input that kernel offset (i, j) sees)."""
         s = self.stride
         for i in range(self.k):
@@ -122,7 +122,7 @@ class Conv2d(Module):
         else:
             xpad = x
         cols = self.workspace("cols", (n, ho, wo, k, k, c), x.dtype)
-        for i, j, win in self._windows(n, ho, wo):
+        for i, j, win in self._windows(ho, wo):
             cols[:, :, :, i, j] = xpad[win]
         cols = cols.reshape(n * ho * wo, k * k * c)
         self.cache = (cols, x.shape)
@@ -146,7 +146,7 @@ class Conv2d(Module):
         xp.matmul(dy, self._wmat().T, out=dcols)
         dcols = dcols.reshape(n, ho, wo, k, k, c)
         dxpad = xp.zeros((n, h + 2 * p, w + 2 * p, c), dtype=dout.dtype)
-        for i, j, win in self._windows(n, ho, wo):
+        for i, j, win in self._windows(ho, wo):
             dxpad[win] += dcols[:, :, :, i, j]   # col2im: overlapping patches add up
         return xp.ascontiguousarray(dxpad[:, p:p + h, p:p + w]) if p else dxpad
 
