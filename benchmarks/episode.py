@@ -70,6 +70,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", choices=sp.backbones.BACKBONES, default="convnet")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--width", type=int, default=64, help="ConvNet channels (the paper's is 64)")
     p.add_argument("--way", type=int, default=60)
     p.add_argument("--shot", type=int, default=5)
     p.add_argument("--query", type=int, default=5)
@@ -80,7 +81,7 @@ def main():
     a = p.parse_args()
 
     xp = backend.get_xp(a.device)
-    net = sp.build_backbone(a.backbone, seed=0, xp=xp)
+    net = sp.build_backbone(a.backbone, seed=0, xp=xp, width=a.width)
     model, opt = sp.ProtoNet(net), sp.Adam(net, lr=1e-3)
     xs, xq = fake_episode(xp, a.way, a.shot, a.query)
     times = []
@@ -98,7 +99,8 @@ def main():
     mem = f"peak RSS {rss:.0f} MiB"
     if xp is not np:
         mem += f", device pool {xp.get_default_memory_pool().total_bytes() / 2**20:.0f} MiB"
-    print(f"scratchproto {a.backbone} {backend.device_name(xp)} {a.way}w{a.shot}s{a.query}q "
+    width = f" width {a.width}" if a.backbone == "convnet" and a.width != 64 else ""
+    print(f"scratchproto {a.backbone}{width} {backend.device_name(xp)} {a.way}w{a.shot}s{a.query}q "
           f"numpy {np.__version__} python {platform.python_version()}: "
           f"sec/episode={med:.4f} (min {min(times):.4f}, {len(times)} runs) images/s={n_img / med:.0f} {mem}")
     if a.no_layers:

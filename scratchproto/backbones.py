@@ -12,7 +12,7 @@ Parameter and buffer names are those of the reference PyTorch ProtoNet (``encode
 import numpy as np
 
 from . import backend
-from .fast import ConvBlock, FastConv2d
+from .fast import ConvBlock, FastBasicBlock, FastConv2d
 from .layers import (AvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, MaxPool2d, Module,
                      ReLU, RepeatChannels, Sequential)
 
@@ -46,8 +46,9 @@ class ResNet18(Module):
         self.children = [("conv1", self.conv1), ("bn1", self.bn1)]
         c_in, self.stages = 64, []
         for i, (c_out, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
-            stage = Sequential(BasicBlock(c_in, c_out, stride, rng, fast=fast, **kw),
-                               BasicBlock(c_out, c_out, 1, rng, fast=fast, **kw), **kw)
+            block = FastBasicBlock if fast else BasicBlock
+            stage = Sequential(block(c_in, c_out, stride, rng, **kw),
+                               block(c_out, c_out, 1, rng, **kw), **kw)
             self.children.append((f"layer{i + 1}", stage))
             self.stages.append(stage)
             c_in = c_out

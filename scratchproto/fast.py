@@ -3,10 +3,10 @@
 On a CPU a training episode is bound less by arithmetic than by passes over big arrays (the first
 ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrangements:
 
-* FastConv2d: im2col in chunks of images, each built by one copy from a strided window view,
-  so the k*k-times-larger im2col matrix (271 MB for the second ConvNet block) is never stored
-  whole, and its buffer is reused rather than allocated (and page-faulted) on every call. The
-  input gradient of a stride-1 convolution is the correlation of dy with the flipped kernel,
+* FastConv2d: im2col in chunks of images, each built by one copy from a strided window view, so
+  the k*k-times-larger im2col matrix (271 MB for the second ConvNet block) is never stored whole,
+  and its buffer (about 8 MB) is reused rather than allocated (and page-faulted) on every call.
+  The input gradient of a stride-1 convolution is the correlation of dy with the flipped kernel,
   computed by the same machinery instead of scattering dcols back (col2im).
 
 * ConvBlock: a ConvNet block, conv -> BatchNorm -> ReLU -> 2x2 max-pool, fused. Max-pooling
@@ -22,11 +22,17 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
   and dW follow from the 9 x 9 Gram matrix of the im2col rows, without passes over its 120 MB
   output.
 
-tests/test_fast.py checks both against the plain layers, in float64, to rounding.
+* FastBasicBlock: ResNet-18's residual block with each BatchNorm fused with the ReLU after it
+  (and the residual sum before it): the normalisation overwrites the convolution's output instead
+  of copying it, the ReLU and the sum work in place, and the backward pass overwrites the
+  gradients it owns. Same operations in the same order as the plain layers, so the same numbers,
+  with four fewer full-size arrays allocated per block and direction.
+
+tests/test_fast.py checks them against the plain layers, in float64, to rounding.
 """
 import numpy as np
 
-from .layers import Conv2d, MaxPool2d, ReLU, Sequential
+from .layers import BasicBlock, Conv2d, MaxPool2d, ReLU, Sequential
 
 
 class FastConv2d(Conv2d):
@@ -39,7 +45,10 @@ class FastConv2d(Conv2d):
     layer: 9) the whole matrix is small too, and it is kept for the backward pass as Conv2d does.
     """
 
-    CHUNK_FLOATS = 1 << 23        # about 32 MB of im2col rows per chunk
+    # About 8 MB of im2col rows per chunk: each GEMM is still large (Python's overhead per call
+    # is negligible) and runs as fast as with 32 MB chunks (benchmarks/conv_chunks.py), while the
+    # buffers stay small (ResNet-18's 20-way episode peaks ~200 MB lower than with 32 MB chunks).
+    CHUNK_FLOATS = 1 << 21
     NARROW_K = 32                 # k*k*C_in up to this: plain im2col
 
     def _window_view(self, xpad, n0, n1, ho, wo, st):
@@ -261,3 +270,40 @@ class ConvBlock(Sequential):
             dw += xp.ascontiguousarray(cq).reshape(-1, kk).T @ buf.reshape(-1, buf.shape[-1])
         conv.grads["weight"] += dw.reshape(conv.k, conv.k, c, conv.c_out).transpose(3, 2, 0, 1)
         return None
+
+
+class FastBasicBlock(BasicBlock):
+    """BasicBlock (layers.py) with BatchNorm + (residual sum) + ReLU fused; see the module
+    docstring. Same children, names and parameters. x: (N, H, W, C_in) -> (N, H', W', C_out)."""
+
+    def __init__(self, c_in, c_out, stride, rng, xp=np, dtype=np.float32):
+        super().__init__(c_in, c_out, stride, rng, xp=xp, dtype=dtype, fast=True)
+
+    def _bn_relu(self, bn, y, train, residual=None):
+        """relu(bn(y) [+ residual]), normalising y in place (the convolution's fresh output)."""
+        xhat, inv_std = bn.normalise(y, train, out=y)
+        out = xhat * bn.params["weight"]
+        out += bn.params["bias"]
+        if residual is not None:
+            out += residual
+        self.xp.maximum(out, 0, out=out)
+        return out, xhat, inv_std
+
+    def forward(self, x, train=True):
+        h, xhat1, inv1 = self._bn_relu(self.bn1, self.conv1.forward(x, train), train)
+        out, xhat2, inv2 = self._bn_relu(self.bn2, self.conv2.forward(h, train), train,
+                                         residual=self.shortcut.forward(x, train))
+        self.cache = (h, xhat1, inv1, out, xhat2, inv2, train)
+        return out
+
+    def backward(self, dout, need_dx=True):
+        h, xhat1, inv1, out, xhat2, inv2, train = self.cache
+        d = dout * (out > 0)              # through the last ReLU; the sum sends d to both branches
+        dh = self.conv2.backward(self.bn2.input_grad(d, xhat2, inv2, train))   # d is still needed
+        dh *= h > 0                       # dh is the convolution's fresh output: ours to overwrite
+        dx = self.conv1.backward(self.bn1.input_grad(dh, xhat1, inv1, train, inplace=True), need_dx)
+        d_short = self.shortcut.backward(d, need_dx)
+        if not need_dx:
+            return None
+        dx += d_short
+        return dx

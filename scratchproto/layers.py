@@ -181,15 +181,17 @@ class BatchNorm2d(Module):
                 else self.xp.einsum("nij,nij->nj", a3, b.reshape(a3.shape)))
         return part.sum(axis=0, dtype=np.float64).astype(a.dtype)
 
-    def forward(self, x, train=True):
+    def normalise(self, x, train=True, out=None):
+        """xhat = (x - mean) / sqrt(var + eps), with the batch statistics when training (which
+        also updates the running ones) or the running statistics. Returns (xhat, inv_std (C,)).
+        ``out=x`` overwrites x, for a fused caller that owns it (fast.FastBasicBlock)."""
         xp = self.xp
         m = x.size // self.c
         if train:
             mean = self._channel_sum(x) / m
-            xhat = x - mean
+            xhat = xp.subtract(x, mean, out=out)
             var = self._channel_sum(xhat, xhat) / m      # biased: it normalises the batch
             inv_std = 1.0 / xp.sqrt(var + self.eps)
-            xhat *= inv_std
             b = self.buffers
             mom = self.momentum
             b["running_mean"] *= 1 - mom
@@ -199,26 +201,40 @@ class BatchNorm2d(Module):
             b["num_batches_tracked"] += 1
         else:
             inv_std = 1.0 / xp.sqrt(self.buffers["running_var"] + self.eps)
-            xhat = (x - self.buffers["running_mean"]) * inv_std
+            xhat = xp.subtract(x, self.buffers["running_mean"], out=out)
+        xhat *= inv_std
+        return xhat, inv_std
+
+    def forward(self, x, train=True):
+        xhat, inv_std = self.normalise(x, train)
         y = xhat * self.params["weight"]
         y += self.params["bias"]
         self.cache = (xhat, inv_std, train)
         return y
 
     def backward(self, dout, need_dx=True):
-        xhat, inv_std, train = self.cache
+        return self.input_grad(dout, *self.cache)
+
+    def input_grad(self, dout, xhat, inv_std, train, inplace=False):
+        """Accumulate dgamma, dbeta; return dL/dx for dout = dL/dy. ``inplace``: dout becomes
+        dx (for a fused caller that owns dout)."""
         dbeta = self._channel_sum(dout)
         dgamma = self._channel_sum(dout, xhat)
         self.grads["weight"] += dgamma
         self.grads["bias"] += dbeta
         a = self.params["weight"] * inv_std
         if not train:  # the statistics are constants
-            return dout * a
+            return self.xp.multiply(dout, a, out=dout if inplace else None)
         # The batch statistics depend on x too; differentiating through them gives
         # dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)), a = gamma / sigma.
         m = dout.size // self.c
-        dx = xhat * (-a * dgamma / m)
-        dx += dout * a
+        if inplace:
+            dx = dout
+            dx *= a
+            dx += xhat * (-a * dgamma / m)
+        else:
+            dx = xhat * (-a * dgamma / m)
+            dx += dout * a
         dx -= a * dbeta / m
         return dx
 

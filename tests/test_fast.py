@@ -135,3 +135,42 @@ def test_narrow_block_weight_gradient_without_dy():
     scale = max(np.abs(g).max() for g in g1.values())
     for k in g1:
         np.testing.assert_allclose(g2[k], g1[k], rtol=0, atol=1e-10 * scale, err_msg=k)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("c_in,c_out,stride", [(4, 4, 1), (4, 6, 2)])   # identity, projection
+def test_fast_basic_block_matches_plain(xp, train, c_in, c_out, stride):
+    """Same operations in the same order: equal to the plain block up to float64 rounding,
+    with the gradient into the input, every parameter's gradient and the running statistics."""
+    rng = np.random.default_rng(13)
+    kw = dict(xp=xp, dtype=F64)
+    plain = L.BasicBlock(c_in, c_out, stride, rng, **kw)
+    quick = fast.FastBasicBlock(c_in, c_out, stride, rng, **kw)
+    for blk in (plain, quick):     # gammas of both signs and non-zero betas: a non-trivial ReLU mask
+        for _, m in blk.named_modules():
+            if isinstance(m, L.BatchNorm2d):
+                m.params["weight"][...] = xp.asarray(np.linspace(-1.5, 2.0, m.c))
+                m.params["bias"][...] = xp.asarray(np.linspace(0.3, -0.4, m.c))
+    _copy_params(plain, quick)
+    x = xp.asarray(np.random.default_rng(14).standard_normal((3, 6, 6, c_in)))
+    if not train:   # give the running statistics something to hold
+        for blk in (plain, quick):
+            blk.forward(x, True)
+    _compare(plain, quick, x, train)
+    for (_, a), (_, b) in zip(plain.named_modules(), quick.named_modules()):
+        for k in a.buffers:
+            np.testing.assert_allclose(b.buffers[k], a.buffers[k], rtol=1e-12)
+    assert [n for n, _ in quick.named_modules()] == [n for n, _ in plain.named_modules()]
+
+
+def test_fast_basic_block_gradients():
+    rng = np.random.default_rng(15)
+    blk = fast.FastBasicBlock(3, 4, 2, rng, dtype=F64)
+    x = rng.standard_normal((2, 5, 5, 3))
+    for train in (True, False):
+        r = np.random.default_rng(16).standard_normal(blk.forward(x, train).shape)
+        _zero(blk)
+        blk.forward(x, train)
+        dx = blk.backward(r)
+        num = gradcheck.numerical_gradient(lambda: (blk.forward(x, train) * r).sum(), x)
+        assert gradcheck.relative_error(dx, num) < 1e-6

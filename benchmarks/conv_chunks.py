@@ -1,0 +1,56 @@
+"""Time FastConv2d, forward and backward, at ResNet-18's and the ConvNet's sizes, for several
+im2col chunk sizes (FastConv2d.CHUNK_FLOATS): the choice of the chunk in fast.py.
+
+  python benchmarks/conv_chunks.py --repeat 2
+
+Prints one line per chunk size: milliseconds forward/backward (median of 5) per layer shape.
+"""
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # run from a checkout
+from scratchproto import backend  # noqa: E402
+from scratchproto.fast import FastConv2d  # noqa: E402
+
+# (images, height = width, channels in = out): ResNet-18's four stages at 20-way 5+5, and the
+# ConvNet's second block at 60-way 5+5
+SHAPES = [(200, 28, 64), (200, 14, 128), (200, 7, 256), (600, 14, 64)]
+
+
+def median_ms(f, runs=5):
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log2-chunks", type=int, nargs="+", default=[23, 22, 21, 20],
+                   help="chunk sizes to try, as log2 of the number of floats")
+    p.add_argument("--repeat", type=int, default=1, help="go through the chunk sizes this many times")
+    a = p.parse_args()
+    backend.keep_freed_memory()
+    rng = np.random.default_rng(0)
+    print("log2(floats)  " + "  ".join(f"n{n} {h}x{h}x{c}: fwd/bwd ms" for n, h, c in SHAPES))
+    for _ in range(a.repeat):
+        for lg in a.log2_chunks:
+            cells = []
+            for n, h, c in SHAPES:
+                conv = FastConv2d(c, c, 3, 1, 1, bias=False, rng=rng)
+                conv.CHUNK_FLOATS = 1 << lg
+                x = rng.standard_normal((n, h, h, c)).astype(np.float32)
+                dy = np.ones_like(conv.conv(x))
+                cells.append(f"{median_ms(lambda: conv.conv(x)):.0f}/{median_ms(lambda: conv.conv_backward(dy)):.0f}")
+            print(f"{lg:12d}  " + "  ".join(f"{cell:>26s}" for cell in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
