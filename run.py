@@ -5,6 +5,7 @@
   python run.py --resume runs/convnet-20261126-130000    continue an interrupted run
   python run.py --eval RUN/best.npz --standard           test: 5/20-way x 1/5-shot, 1000 episodes
   python run.py --plot RUN                               redraw the figures of a run
+  python run.py --plot-sweep RUN_W16 RUN_W32 ...         nc1, nc2 against model size
 """
 import argparse
 import dataclasses
@@ -27,6 +28,9 @@ def parser():
     mode.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.npz")
     mode.add_argument("--eval", metavar="CKPT", help="evaluate a checkpoint (e.g. RUN_DIR/best.npz) on test episodes")
     mode.add_argument("--plot", metavar="RUN_DIR", help="redraw the figures of RUN_DIR from its trace.jsonl")
+    mode.add_argument("--plot-sweep", metavar="RUN_DIR", nargs="+",
+                      help="model-size sweep: final nc1 and nc2 of the runs against their parameter "
+                           "count (nc_vs_parameters.png in their common folder) and a table of them")
 
     m = p.add_argument_group("model")
     m.add_argument("--backbone", choices=BACKBONES, default=D.backbone, help="embedding network (default: %(default)s)")
@@ -72,8 +76,13 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     progress = not args.no_progress
-    if sum(x is not None for x in (args.resume, args.eval, args.plot)) > 1:
-        raise sp.UserError("choose one of --resume, --eval and --plot")
+    if sum(x is not None for x in (args.resume, args.eval, args.plot, args.plot_sweep)) > 1:
+        raise sp.UserError("choose one of --resume, --eval, --plot and --plot-sweep")
+    if args.plot_sweep:
+        path, rows = sp.plots.plot_sweep(args.plot_sweep)
+        print(sp.plots.format_sweep(rows))
+        print(f"wrote {path}")
+        return 0
     if args.plot:
         for path in sp.plots.plot_run(args.plot):
             print(f"wrote {path}")

@@ -4,8 +4,15 @@
 * nc_train.png Figures 2/4: nc1 and nc2 on training episodes, support and query
 * nc_val.png   Figures 5/6: the same on validation episodes
 nc2 panels also show nc2_unit (dashed), the variant the authors' released code computed.
+
+and, across runs (a model-size sweep):
+
+* nc_vs_parameters.png  final nc1 and nc2 (support and query, training and validation) against
+  the number of parameters, on a log axis: the paper's conclusion asks whether collapse follows
+  model size
 """
 import json
+import os
 import pathlib
 
 from .errors import UserError
@@ -85,3 +92,95 @@ def plot_run(run_dir, title=None):
         plt.close(fig)
         written.append(out)
     return written
+
+
+def _sweep_row(run_dir):
+    run_dir = pathlib.Path(run_dir)
+    last = read_trace(run_dir)[-1]
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise UserError(f"no config.json in {run_dir}: is it a run folder?")
+    info = json.loads(path.read_text())
+    cfg = info["config"]
+    name = cfg["backbone"] + (f" width {cfg['width']}" if cfg["backbone"] == "convnet" else "")
+    row = {"run": str(run_dir), "name": name, "parameters": info["parameters"],
+           "epoch": last["epoch"], "last": last, "test": {}}
+    ev = run_dir / "eval.json"
+    if ev.exists():
+        for r in json.loads(ev.read_text())["results"]:
+            row["test"][f"{r['way']}w{r['shot']}s"] = r["acc"]
+        row["test_epoch"] = json.loads(ev.read_text())["epoch"]
+    return row
+
+
+def sweep_table(run_dirs):
+    """One row per run, sorted by parameter count: its final metrics (the last epoch of its trace)
+    and its test accuracies (from eval.json, where there is one). All runs must have trained
+    for the same number of epochs, or the comparison would measure training time, not size."""
+    rows = sorted((_sweep_row(d) for d in run_dirs), key=lambda r: r["parameters"])
+    epochs = sorted({r["epoch"] for r in rows})
+    if len(epochs) > 1:
+        raise UserError("the runs end at different epochs (" + ", ".join(
+            f"{r['run']}: {r['epoch']}" for r in rows) + "): a sweep compares equal training")
+    return rows
+
+
+def format_sweep(rows):
+    """A Markdown table of sweep_table's rows."""
+    parts = [p for p in ("train", "val") if p in rows[0]["last"]]
+    settings = sorted({k for r in rows for k in r["test"]}, key=lambda k: (int(k.split("w")[0]), k))
+    head = ["model", "parameters"] + [f"{p} loss" for p in parts] + [
+        f"{m} {p} s/q" for p in parts for m in ("nc1", "nc2")]
+    if settings:   # eval.json is of best.npz, the epoch of the lowest validation loss
+        head += ["tested epoch"] + [f"test {k}" for k in settings]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        last = r["last"]
+        cells = [r["name"], f"{r['parameters']:,}"] + [f"{last[p]['loss']:.4f}" for p in parts]
+        cells += [f"{last[p][m + '_support']:.3g} / {last[p][m + '_query']:.3g}"
+                  for p in parts for m in ("nc1", "nc2")]
+        if settings:
+            cells += [str(r.get("test_epoch", ""))]
+            cells += [f"{100 * r['test'][k]:.2f}%" if k in r["test"] else "" for k in settings]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_sweep(run_dirs, out_dir=None):
+    """Write nc_vs_parameters.png (into out_dir, by default the runs' common parent folder):
+    final nc1 and nc2 against parameter count. Returns (its path, the rows of sweep_table)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sweep_table(run_dirs)
+    parts = [p for p in ("train", "val") if p in rows[0]["last"]]
+    x = [r["parameters"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric in zip(axes, ("nc1", "nc2")):
+        for part, color in zip(parts, ("tab:blue", "tab:orange")):
+            for side, style, marker in (("support", "-", "o"), ("query", "--", "s")):
+                y = [r["last"][part][f"{metric}_{side}"] for r in rows]
+                ax.plot(x, y, style, color=color, marker=marker, label=f"{part} {side}")
+        ax.set_xscale("log")
+        if metric == "nc1":
+            ax.set_yscale("log")
+        for r in rows:
+            ax.annotate(r["name"].replace("convnet width ", "w"), (r["parameters"], 0),
+                        xycoords=("data", "axes fraction"), xytext=(0, 3),
+                        textcoords="offset points", ha="center", fontsize=8, color="0.4")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0].set_title("NC1 after training")
+    axes[1].set_title("NC2 after training")
+    fig.suptitle(f"Neural collapse against model size, after {rows[0]['epoch']} epochs")
+    fig.tight_layout()
+    if out_dir is None:   # the folder that holds them all
+        out_dir = os.path.commonpath([str(pathlib.Path(d).parent) for d in run_dirs])
+    out_dir = pathlib.Path(out_dir)
+    out = out_dir / "nc_vs_parameters.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out, rows

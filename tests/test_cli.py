@@ -22,7 +22,7 @@ def test_help_lists_the_protocol_and_its_defaults():
     p = run("--help")
     assert p.returncode == 0
     for text in ("--train-way", "(default: 60)", "--patience", "(default: 200)", "--lr-step", "--trainval",
-                 "--resume", "--eval", "--plot", "--standard", "--mirror", "SCRATCHPROTO_MIRROR"):
+                 "--resume", "--eval", "--plot", "--plot-sweep", "--standard", "--mirror", "SCRATCHPROTO_MIRROR"):
         assert text in p.stdout, text
 
 
@@ -37,7 +37,8 @@ def test_help_lists_the_protocol_and_its_defaults():
     (["--eval", "missing.npz"], "error: no checkpoint at missing.npz"),
     (["--plot", "nowhere"], "error: no trace at nowhere/trace.jsonl"),
     (["--resume", "nowhere"], "error: nowhere is not a run folder to resume"),
-    (["--eval", "x.npz", "--plot", "y"], "error: choose one of --resume, --eval and --plot"),
+    (["--eval", "x.npz", "--plot", "y"], "error: choose one of --resume, --eval, --plot and --plot-sweep"),
+    (["--plot-sweep", "nowhere"], "error: no trace at nowhere/trace.jsonl"),
 ])
 def test_bad_requests_give_one_line_and_exit_2(omniglot, args, message):
     p = run(*args, data=omniglot.root)
@@ -77,6 +78,9 @@ def test_train_then_eval_then_plot(omniglot, tmp_path):
     (out / "curves.png").unlink()
     p = run("--plot", str(out))
     assert p.returncode == 0 and (out / "curves.png").exists()
+    p = run("--plot-sweep", str(out))
+    assert p.returncode == 0 and (tmp_path / "nc_vs_parameters.png").exists()
+    assert "| convnet width 8 |" in p.stdout
 
 
 def test_gpu_request_without_gpu_warns_once_and_falls_back(capsys):

@@ -144,3 +144,45 @@ def test_plot_needs_a_trace(tmp_path):
     (tmp_path / "trace.jsonl").write_text("")
     with pytest.raises(sp.UserError, match="is empty: the run has not finished an epoch yet"):
         sp.plots.plot_run(tmp_path)
+
+
+def _fake_run(folder, width, params, epochs, nc1_last):
+    """A run folder as the trainer writes it (config.json, trace.jsonl), with chosen values."""
+    folder.mkdir(parents=True)
+    cfg = dict(vars(trainer.Config()), width=width)
+    (folder / "config.json").write_text(json.dumps({"config": cfg, "parameters": params}))
+    metrics = {f"{m}_{s}": 1.0 for m in sp.collapse.METRICS for s in ("support", "query")}
+    lines = []
+    for epoch in range(1, epochs + 1):
+        part = dict(metrics, loss=1.0 / epoch, acc=0.9)
+        if epoch == epochs:
+            part = dict(part, nc1_support=nc1_last, nc1_query=2 * nc1_last)
+        lines.append(json.dumps({"epoch": epoch, "train": part, "val": part}))
+    (folder / "trace.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_sweep_table_and_figure(tmp_path):
+    _fake_run(tmp_path / "w32", 32, 28320, 3, 0.5)
+    _fake_run(tmp_path / "w16", 16, 7248, 3, 0.25)
+    (tmp_path / "w16" / "eval.json").write_text(json.dumps(
+        {"epoch": 2, "results": [{"way": 5, "shot": 5, "acc": 0.987}, {"way": 20, "shot": 1, "acc": 0.8}]}))
+    path, rows = sp.plots.plot_sweep([tmp_path / "w32", tmp_path / "w16"])
+    assert path == tmp_path / "nc_vs_parameters.png" and path.stat().st_size > 10_000
+    assert [r["parameters"] for r in rows] == [7248, 28320]           # sorted by size
+    assert [r["last"]["train"]["nc1_query"] for r in rows] == [0.5, 1.0]  # the last epoch's values
+    table = sp.plots.format_sweep(rows).splitlines()
+    assert table[0].startswith("| model | parameters | train loss | val loss | nc1 train s/q")
+    assert table[0].endswith("| tested epoch | test 5w5s | test 20w1s |")
+    assert table[2] == ("| convnet width 16 | 7,248 | 0.3333 | 0.3333 | 0.25 / 0.5 | 1 / 1 | 0.25 / 0.5 "
+                        "| 1 / 1 | 2 | 98.70% | 80.00% |")
+    assert table[3].endswith("| 1 / 1 |  |  |  |")                    # w32 has no eval.json
+
+
+def test_sweep_refuses_unequal_training_and_non_runs(tmp_path):
+    _fake_run(tmp_path / "a", 16, 7248, 3, 0.25)
+    _fake_run(tmp_path / "b", 32, 28320, 4, 0.25)
+    with pytest.raises(sp.UserError, match=r"the runs end at different epochs \(.*a: 3, .*b: 4\)"):
+        sp.plots.sweep_table([tmp_path / "a", tmp_path / "b"])
+    (tmp_path / "a" / "config.json").unlink()
+    with pytest.raises(sp.UserError, match="no config.json in"):
+        sp.plots.sweep_table([tmp_path / "a"])
