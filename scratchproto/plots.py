@@ -96,7 +96,8 @@ def plot_run(run_dir, title=None):
 
 def _sweep_row(run_dir):
     run_dir = pathlib.Path(run_dir)
-    last = read_trace(run_dir)[-1]
+    records = read_trace(run_dir)
+    last = records[-1]
     path = run_dir / "config.json"
     if not path.exists():
         raise UserError(f"no config.json in {run_dir}: is it a run folder?")
@@ -104,7 +105,8 @@ def _sweep_row(run_dir):
     cfg = info["config"]
     name = cfg["backbone"] + (f" width {cfg['width']}" if cfg["backbone"] == "convnet" else "")
     row = {"run": str(run_dir), "name": name, "parameters": info["parameters"],
-           "epoch": last["epoch"], "last": last, "test": {}}
+           "epoch": last["epoch"], "last": last, "test": {},
+           "minutes": sum(r.get("seconds", 0) for r in records) / 60}
     ev = run_dir / "eval.json"
     if ev.exists():
         for r in json.loads(ev.read_text())["results"]:
@@ -129,14 +131,15 @@ def format_sweep(rows):
     """A Markdown table of sweep_table's rows."""
     parts = [p for p in ("train", "val") if p in rows[0]["last"]]
     settings = sorted({k for r in rows for k in r["test"]}, key=lambda k: (int(k.split("w")[0]), k))
-    head = ["model", "parameters"] + [f"{p} loss" for p in parts] + [
+    head = ["model", "parameters", "epochs", "minutes"] + [f"{p} loss" for p in parts] + [
         f"{m} {p} s/q" for p in parts for m in ("nc1", "nc2")]
     if settings:   # eval.json is of best.npz, the epoch of the lowest validation loss
         head += ["tested epoch"] + [f"test {k}" for k in settings]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         last = r["last"]
-        cells = [r["name"], f"{r['parameters']:,}"] + [f"{last[p]['loss']:.4f}" for p in parts]
+        cells = [r["name"], f"{r['parameters']:,}", str(r["epoch"]), f"{r['minutes']:.0f}"]
+        cells += [f"{last[p]['loss']:.4f}" for p in parts]
         cells += [f"{last[p][m + '_support']:.3g} / {last[p][m + '_query']:.3g}"
                   for p in parts for m in ("nc1", "nc2")]
         if settings:

@@ -157,7 +157,7 @@ def _fake_run(folder, width, params, epochs, nc1_last):
         part = dict(metrics, loss=1.0 / epoch, acc=0.9)
         if epoch == epochs:
             part = dict(part, nc1_support=nc1_last, nc1_query=2 * nc1_last)
-        lines.append(json.dumps({"epoch": epoch, "train": part, "val": part}))
+        lines.append(json.dumps({"epoch": epoch, "train": part, "val": part, "seconds": 60.0}))
     (folder / "trace.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -171,9 +171,9 @@ def test_sweep_table_and_figure(tmp_path):
     assert [r["parameters"] for r in rows] == [7248, 28320]           # sorted by size
     assert [r["last"]["train"]["nc1_query"] for r in rows] == [0.5, 1.0]  # the last epoch's values
     table = sp.plots.format_sweep(rows).splitlines()
-    assert table[0].startswith("| model | parameters | train loss | val loss | nc1 train s/q")
+    assert table[0].startswith("| model | parameters | epochs | minutes | train loss | val loss | nc1 train s/q")
     assert table[0].endswith("| tested epoch | test 5w5s | test 20w1s |")
-    assert table[2] == ("| convnet width 16 | 7,248 | 0.3333 | 0.3333 | 0.25 / 0.5 | 1 / 1 | 0.25 / 0.5 "
+    assert table[2] == ("| convnet width 16 | 7,248 | 3 | 3 | 0.3333 | 0.3333 | 0.25 / 0.5 | 1 / 1 | 0.25 / 0.5 "
                         "| 1 / 1 | 2 | 98.70% | 80.00% |")
     assert table[3].endswith("| 1 / 1 |  |  |  |")                    # w32 has no eval.json
 
