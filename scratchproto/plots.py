@@ -7,9 +7,9 @@ nc2 panels also show nc2_unit (dashed), the variant the authors' released code c
 
 and, across runs (a model-size sweep):
 
-* nc_vs_parameters.png  final nc1 and nc2 (support and query, training and validation) against
-  the number of parameters, on a log axis: the paper's conclusion asks whether collapse follows
-  model size
+* nc_vs_parameters.png  final nc1, nc2 and cdnv (support and query, training and validation)
+  against the number of parameters, on a log axis: the paper's conclusion asks whether collapse
+  follows model size
 """
 import json
 import os
@@ -94,6 +94,11 @@ def plot_run(run_dir, title=None):
     return written
 
 
+# nc1 and nc2 as the paper asks; cdnv beside them because it needs no pseudo-inverse of the
+# between-class covariance, whose conditioning changes with the width (d against N - 1)
+SWEEP_METRICS = ("nc1", "nc2", "cdnv")
+
+
 def _sweep_row(run_dir):
     run_dir = pathlib.Path(run_dir)
     records = read_trace(run_dir)
@@ -132,7 +137,7 @@ def format_sweep(rows):
     parts = [p for p in ("train", "val") if p in rows[0]["last"]]
     settings = sorted({k for r in rows for k in r["test"]}, key=lambda k: (int(k.split("w")[0]), k))
     head = ["model", "parameters", "epochs", "minutes"] + [f"{p} loss" for p in parts] + [
-        f"{m} {p} s/q" for p in parts for m in ("nc1", "nc2")]
+        f"{m} {p} s/q" for p in parts for m in SWEEP_METRICS]
     if settings:   # eval.json is of best.npz, the epoch of the lowest validation loss
         head += ["tested epoch"] + [f"test {k}" for k in settings]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -141,7 +146,7 @@ def format_sweep(rows):
         cells = [r["name"], f"{r['parameters']:,}", str(r["epoch"]), f"{r['minutes']:.0f}"]
         cells += [f"{last[p]['loss']:.4f}" for p in parts]
         cells += [f"{last[p][m + '_support']:.3g} / {last[p][m + '_query']:.3g}"
-                  for p in parts for m in ("nc1", "nc2")]
+                  for p in parts for m in SWEEP_METRICS]
         if settings:
             cells += [str(r.get("test_epoch", ""))]
             cells += [f"{100 * r['test'][k]:.2f}%" if k in r["test"] else "" for k in settings]
@@ -159,14 +164,14 @@ def plot_sweep(run_dirs, out_dir=None):
     rows = sweep_table(run_dirs)
     parts = [p for p in ("train", "val") if p in rows[0]["last"]]
     x = [r["parameters"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric in zip(axes, ("nc1", "nc2")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, metric in zip(axes, SWEEP_METRICS):
         for part, color in zip(parts, ("tab:blue", "tab:orange")):
             for side, style, marker in (("support", "-", "o"), ("query", "--", "s")):
                 y = [r["last"][part][f"{metric}_{side}"] for r in rows]
                 ax.plot(x, y, style, color=color, marker=marker, label=f"{part} {side}")
         ax.set_xscale("log")
-        if metric == "nc1":
+        if metric != "nc2":
             ax.set_yscale("log")
         for r in rows:
             ax.annotate(r["name"].replace("convnet width ", "w"), (r["parameters"], 0),
@@ -178,6 +183,7 @@ def plot_sweep(run_dirs, out_dir=None):
         ax.legend(fontsize=8)
     axes[0].set_title("NC1 after training")
     axes[1].set_title("NC2 after training")
+    axes[2].set_title("CDNV after training (no pseudo-inverse)")
     fig.suptitle(f"Neural collapse against model size, after {rows[0]['epoch']} epochs")
     fig.tight_layout()
     if out_dir is None:   # the folder that holds them all

@@ -173,8 +173,8 @@ def test_sweep_table_and_figure(tmp_path):
     table = sp.plots.format_sweep(rows).splitlines()
     assert table[0].startswith("| model | parameters | epochs | minutes | train loss | val loss | nc1 train s/q")
     assert table[0].endswith("| tested epoch | test 5w5s | test 20w1s |")
-    assert table[2] == ("| convnet width 16 | 7,248 | 3 | 3 | 0.3333 | 0.3333 | 0.25 / 0.5 | 1 / 1 | 0.25 / 0.5 "
-                        "| 1 / 1 | 2 | 98.70% | 80.00% |")
+    assert table[2] == ("| convnet width 16 | 7,248 | 3 | 3 | 0.3333 | 0.3333 | 0.25 / 0.5 | 1 / 1 | 1 / 1 "
+                        "| 0.25 / 0.5 | 1 / 1 | 1 / 1 | 2 | 98.70% | 80.00% |")
     assert table[3].endswith("| 1 / 1 |  |  |  |")                    # w32 has no eval.json
 
 
