@@ -28,6 +28,11 @@ def read_trace(run_dir):
     return records
 
 
+def _parts(record):
+    """The episode kinds a trace record holds: train, and val unless the run had none."""
+    return [p for p in ("train", "val") if p in record]
+
+
 def _log_if_wide(ax, values):
     pos = [v for v in values if v > 0]
     if pos and max(pos) / min(pos) > 30:
@@ -43,7 +48,7 @@ def plot_run(run_dir, title=None):
     run_dir = pathlib.Path(run_dir)
     records = read_trace(run_dir)
     epochs = [r["epoch"] for r in records]
-    parts = [p for p in ("train", "val") if p in records[0]]
+    parts = _parts(records[0])
     title = title or run_dir.name
     written = []
 
@@ -114,9 +119,10 @@ def _sweep_row(run_dir):
            "minutes": sum(r.get("seconds", 0) for r in records) / 60}
     ev = run_dir / "eval.json"
     if ev.exists():
-        for r in json.loads(ev.read_text())["results"]:
+        evaluation = json.loads(ev.read_text())
+        for r in evaluation["results"]:
             row["test"][f"{r['way']}w{r['shot']}s"] = r["acc"]
-        row["test_epoch"] = json.loads(ev.read_text())["epoch"]
+        row["test_epoch"] = evaluation["epoch"]
     return row
 
 
@@ -125,8 +131,7 @@ def sweep_table(run_dirs):
     and its test accuracies (from eval.json, where there is one). All runs must have trained
     for the same number of epochs, or the comparison would measure training time, not size."""
     rows = sorted((_sweep_row(d) for d in run_dirs), key=lambda r: r["parameters"])
-    epochs = sorted({r["epoch"] for r in rows})
-    if len(epochs) > 1:
+    if len({r["epoch"] for r in rows}) > 1:
         raise UserError("the runs end at different epochs (" + ", ".join(
             f"{r['run']}: {r['epoch']}" for r in rows) + "): a sweep compares equal training")
     return rows
@@ -134,7 +139,7 @@ def sweep_table(run_dirs):
 
 def format_sweep(rows):
     """A Markdown table of sweep_table's rows."""
-    parts = [p for p in ("train", "val") if p in rows[0]["last"]]
+    parts = _parts(rows[0]["last"])
     settings = sorted({k for r in rows for k in r["test"]}, key=lambda k: (int(k.split("w")[0]), k))
     head = ["model", "parameters", "epochs", "minutes"] + [f"{p} loss" for p in parts] + [
         f"{m} {p} s/q" for p in parts for m in SWEEP_METRICS]
@@ -162,7 +167,7 @@ def plot_sweep(run_dirs, out_dir=None):
     import matplotlib.pyplot as plt
 
     rows = sweep_table(run_dirs)
-    parts = [p for p in ("train", "val") if p in rows[0]["last"]]
+    parts = _parts(rows[0]["last"])
     x = [r["parameters"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, metric in zip(axes, SWEEP_METRICS):

@@ -41,6 +41,18 @@ def _compare(plain, quick, x, train, tol=1e-10):
         np.testing.assert_allclose(g2[k], g1[k], rtol=0, atol=tol * scale, err_msg=k)
 
 
+def _compare_with_running_stats(plain, quick, x, train):
+    """_compare, and the BatchNorm running statistics after it (in evaluation, after one
+    training step has given them something to hold)."""
+    if not train:
+        for blk in (plain, quick):
+            blk.forward(x, True)
+    _compare(plain, quick, x, train)
+    for (_, a), (_, b) in zip(plain.named_modules(), quick.named_modules()):
+        for k in a.buffers:
+            np.testing.assert_allclose(b.buffers[k], a.buffers[k], rtol=1e-12)
+
+
 @pytest.mark.parametrize("k,stride,padding,h,w", [(3, 1, 1, 8, 8), (3, 2, 1, 7, 9), (5, 1, 2, 8, 8),
                                                   (1, 2, 0, 6, 6), (3, 1, 0, 6, 7)])
 def test_fast_conv_matches_plain(xp, k, stride, padding, h, w):
@@ -86,13 +98,7 @@ def _blocks(xp, c_in, seed, conv_cls=L.Conv2d, c_out=5):
 def test_conv_block_matches_plain_sequence(xp, train, c_in, h):
     plain, quick = _blocks(xp, c_in, 2)
     x = xp.asarray(np.random.default_rng(3).standard_normal((3, h, h, c_in)))
-    if not train:   # give the running statistics something to hold
-        for blk in (plain, quick):
-            blk.forward(x, True)
-    _compare(plain, quick, x, train)
-    for (_, a), (_, b) in zip(plain.named_modules(), quick.named_modules()):
-        for k in a.buffers:
-            np.testing.assert_allclose(b.buffers[k], a.buffers[k], rtol=1e-12)
+    _compare_with_running_stats(plain, quick, x, train)
     assert [n for n, _ in quick.named_modules("e")] == ["e", "e.0", "e.1", "e.2", "e.3"]
 
 
@@ -153,13 +159,7 @@ def test_fast_basic_block_matches_plain(xp, train, c_in, c_out, stride):
                 m.params["bias"][...] = xp.asarray(np.linspace(0.3, -0.4, m.c))
     _copy_params(plain, quick)
     x = xp.asarray(np.random.default_rng(14).standard_normal((3, 6, 6, c_in)))
-    if not train:   # give the running statistics something to hold
-        for blk in (plain, quick):
-            blk.forward(x, True)
-    _compare(plain, quick, x, train)
-    for (_, a), (_, b) in zip(plain.named_modules(), quick.named_modules()):
-        for k in a.buffers:
-            np.testing.assert_allclose(b.buffers[k], a.buffers[k], rtol=1e-12)
+    _compare_with_running_stats(plain, quick, x, train)
     assert [n for n, _ in quick.named_modules()] == [n for n, _ in plain.named_modules()]
 
 
