@@ -31,6 +31,8 @@ def parser():
     mode.add_argument("--plot-sweep", metavar="RUN_DIR", nargs="+",
                       help="model-size sweep: final nc1 and nc2 of the runs against their parameter "
                            "count (nc_vs_parameters.png in their common folder) and a table of them")
+    mode.add_argument("--at-epoch", type=int, metavar="N",
+                      help="with --plot-sweep: compare the runs at epoch N (for runs of unequal length)")
 
     m = p.add_argument_group("model")
     m.add_argument("--backbone", choices=BACKBONES, default=D.backbone, help="embedding network (default: %(default)s)")
@@ -78,8 +80,10 @@ def main(argv=None):
     progress = not args.no_progress
     if sum(x is not None for x in (args.resume, args.eval, args.plot, args.plot_sweep)) > 1:
         raise sp.UserError("choose one of --resume, --eval, --plot and --plot-sweep")
+    if args.at_epoch is not None and (not args.plot_sweep or args.at_epoch < 1):
+        raise sp.UserError("--at-epoch N goes with --plot-sweep, and N must be at least 1")
     if args.plot_sweep:
-        path, rows = sp.plots.plot_sweep(args.plot_sweep)
+        path, rows = sp.plots.plot_sweep(args.plot_sweep, epoch=args.at_epoch)
         print(sp.plots.format_sweep(rows))
         print(f"wrote {path}")
         return 0

@@ -104,9 +104,13 @@ def plot_run(run_dir, title=None):
 SWEEP_METRICS = ("nc1", "nc2", "cdnv")
 
 
-def _sweep_row(run_dir):
+def _sweep_row(run_dir, epoch=None):
     run_dir = pathlib.Path(run_dir)
     records = read_trace(run_dir)
+    if epoch is not None:
+        if records[-1]["epoch"] < epoch:
+            raise UserError(f"{run_dir} has trained {records[-1]['epoch']} epochs, fewer than {epoch}")
+        records = [r for r in records if r["epoch"] <= epoch]
     last = records[-1]
     path = run_dir / "config.json"
     if not path.exists():
@@ -126,14 +130,16 @@ def _sweep_row(run_dir):
     return row
 
 
-def sweep_table(run_dirs):
-    """One row per run, sorted by parameter count: its final metrics (the last epoch of its trace)
-    and its test accuracies (from eval.json, where there is one). All runs must have trained
-    for the same number of epochs, or the comparison would measure training time, not size."""
-    rows = sorted((_sweep_row(d) for d in run_dirs), key=lambda r: r["parameters"])
+def sweep_table(run_dirs, epoch=None):
+    """One row per run, sorted by parameter count: its metrics at the end of its trace, or at
+    ``epoch`` where given (runs that trained longer are cut there), and its test accuracies
+    (from eval.json, where there is one; the row says of which epoch). All runs must be compared
+    after the same number of epochs, or the comparison would measure training time, not size."""
+    rows = sorted((_sweep_row(d, epoch) for d in run_dirs), key=lambda r: r["parameters"])
     if len({r["epoch"] for r in rows}) > 1:
         raise UserError("the runs end at different epochs (" + ", ".join(
-            f"{r['run']}: {r['epoch']}" for r in rows) + "): a sweep compares equal training")
+            f"{r['run']}: {r['epoch']}" for r in rows) + "): a sweep compares equal training; "
+            "compare them at the shortest one's last epoch with --at-epoch")
     return rows
 
 
@@ -159,14 +165,15 @@ def format_sweep(rows):
     return "\n".join(lines)
 
 
-def plot_sweep(run_dirs, out_dir=None):
+def plot_sweep(run_dirs, out_dir=None, epoch=None):
     """Write nc_vs_parameters.png (into out_dir, by default the runs' common parent folder):
-    final nc1 and nc2 against parameter count. Returns (its path, the rows of sweep_table)."""
+    final nc1 and nc2 against parameter count; with ``epoch``, their values at that epoch, into
+    nc_vs_parameters_epochN.png. Returns (its path, the rows of sweep_table)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sweep_table(run_dirs)
+    rows = sweep_table(run_dirs, epoch)
     parts = _parts(rows[0]["last"])
     x = [r["parameters"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -194,7 +201,7 @@ def plot_sweep(run_dirs, out_dir=None):
     if out_dir is None:   # the folder that holds them all
         out_dir = os.path.commonpath([str(pathlib.Path(d).parent) for d in run_dirs])
     out_dir = pathlib.Path(out_dir)
-    out = out_dir / "nc_vs_parameters.png"
+    out = out_dir / ("nc_vs_parameters.png" if epoch is None else f"nc_vs_parameters_epoch{epoch}.png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out, rows

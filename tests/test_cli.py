@@ -39,6 +39,8 @@ def test_help_lists_the_protocol_and_its_defaults():
     (["--resume", "nowhere"], "error: nowhere is not a run folder to resume"),
     (["--eval", "x.npz", "--plot", "y"], "error: choose one of --resume, --eval, --plot and --plot-sweep"),
     (["--plot-sweep", "nowhere"], "error: no trace at nowhere/trace.jsonl"),
+    (["--plot", "y", "--at-epoch", "3"], "error: --at-epoch N goes with --plot-sweep, and N must be at least 1"),
+    (["--plot-sweep", "y", "--at-epoch", "0"], "error: --at-epoch N goes with --plot-sweep, and N must be at least 1"),
 ])
 def test_bad_requests_give_one_line_and_exit_2(omniglot, args, message):
     p = run(*args, data=omniglot.root)

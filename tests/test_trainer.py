@@ -178,11 +178,25 @@ def test_sweep_table_and_figure(tmp_path):
     assert table[3].endswith("| 1 / 1 |  |  |  |")                    # w32 has no eval.json
 
 
+def test_sweep_at_an_epoch_cuts_the_longer_runs(tmp_path):
+    _fake_run(tmp_path / "short", 16, 7248, 3, 0.25)
+    _fake_run(tmp_path / "long", 32, 28320, 5, 0.5)
+    path, rows = sp.plots.plot_sweep([tmp_path / "long", tmp_path / "short"], epoch=3)
+    assert path == tmp_path / "nc_vs_parameters_epoch3.png" and path.exists()
+    assert [r["epoch"] for r in rows] == [3, 3]
+    # the long run's epoch-3 values (1.0, as _fake_run writes before its last epoch), not its last
+    assert [r["last"]["train"]["nc1_query"] for r in rows] == [0.5, 1.0]
+    assert [r["last"]["val"]["loss"] for r in rows] == [1 / 3, 1 / 3]
+    assert [r["minutes"] for r in rows] == [3.0, 3.0]                 # 60 s per epoch, 3 epochs
+
+
 def test_sweep_refuses_unequal_training_and_non_runs(tmp_path):
     _fake_run(tmp_path / "a", 16, 7248, 3, 0.25)
     _fake_run(tmp_path / "b", 32, 28320, 4, 0.25)
     with pytest.raises(sp.UserError, match=r"the runs end at different epochs \(.*a: 3, .*b: 4\)"):
         sp.plots.sweep_table([tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(sp.UserError, match=r"a has trained 3 epochs, fewer than 5"):
+        sp.plots.sweep_table([tmp_path / "a", tmp_path / "b"], epoch=5)
     (tmp_path / "a" / "config.json").unlink()
     with pytest.raises(sp.UserError, match="no config.json in"):
         sp.plots.sweep_table([tmp_path / "a"])
