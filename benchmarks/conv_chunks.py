@@ -2,6 +2,7 @@
 im2col chunk sizes (FastConv2d.CHUNK_FLOATS): the choice of the chunk in fast.py.
 
   python benchmarks/conv_chunks.py --repeat 2
+  python benchmarks/conv_chunks.py --device gpu --log2-chunks 21 24 27     (on a GPU machine)
 
 Prints one line per chunk size: milliseconds forward/backward (median of 5) per layer shape.
 """
@@ -22,11 +23,14 @@ from scratchproto.fast import FastConv2d  # noqa: E402
 SHAPES = [(200, 28, 64), (200, 14, 128), (200, 7, 256), (600, 14, 64)]
 
 
-def median_ms(f, runs=5):
+def median_ms(f, xp, runs=5):
+    f()                                  # warm-up (and, on CuPy, the kernels' compilation)
     times = []
     for _ in range(runs):
+        backend.synchronize(xp)
         t = time.perf_counter()
         f()
+        backend.synchronize(xp)
         times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times)
 
@@ -36,19 +40,22 @@ def main():
     p.add_argument("--log2-chunks", type=int, nargs="+", default=[23, 22, 21, 20],
                    help="chunk sizes to try, as log2 of the number of floats")
     p.add_argument("--repeat", type=int, default=1, help="go through the chunk sizes this many times")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     a = p.parse_args()
-    backend.keep_freed_memory()
+    xp = backend.get_xp(a.device)
     rng = np.random.default_rng(0)
     print("log2(floats)  " + "  ".join(f"n{n} {h}x{h}x{c}: fwd/bwd ms" for n, h, c in SHAPES))
     for _ in range(a.repeat):
         for lg in a.log2_chunks:
             cells = []
             for n, h, c in SHAPES:
-                conv = FastConv2d(c, c, 3, 1, 1, bias=False, rng=rng)
+                conv = FastConv2d(c, c, 3, 1, 1, bias=False, rng=rng, xp=xp)
                 conv.CHUNK_FLOATS = 1 << lg
-                x = rng.standard_normal((n, h, h, c)).astype(np.float32)
-                dy = np.ones_like(conv.conv(x))
-                cells.append(f"{median_ms(lambda: conv.conv(x)):.0f}/{median_ms(lambda: conv.conv_backward(dy)):.0f}")
+                x = xp.asarray(rng.standard_normal((n, h, h, c)).astype(np.float32))
+                dy = xp.ones_like(conv.conv(x))
+                fwd = median_ms(lambda: conv.conv(x), xp)
+                bwd = median_ms(lambda: conv.conv_backward(dy), xp)
+                cells.append(f"{fwd:.1f}/{bwd:.1f}")
             print(f"{lg:12d}  " + "  ".join(f"{cell:>26s}" for cell in cells), flush=True)
 
 

@@ -76,11 +76,15 @@ def main():
     p.add_argument("--query", type=int, default=5)
     p.add_argument("--episodes", type=int, default=10, help="timed episodes after 2 warm-up ones")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
+    p.add_argument("--log2-chunk", type=int, metavar="N",
+                   help="im2col chunks of 2**N floats (FastConv2d.CHUNK_FLOATS; default: fast.py's)")
     p.add_argument("--data", help="an Omniglot folder (see run.py --data): also time drawing real "
                                   "episodes (the sampler and the copy to the device)")
     a = p.parse_args()
 
     xp = backend.get_xp(a.device)
+    if a.log2_chunk is not None:
+        sp.fast.FastConv2d.CHUNK_FLOATS = 1 << a.log2_chunk
     net = sp.build_backbone(a.backbone, seed=0, xp=xp, width=a.width)
     model, opt = sp.ProtoNet(net), sp.Adam(net, lr=1e-3)
     xs, xq = fake_episode(xp, a.way, a.shot, a.query)
@@ -100,6 +104,8 @@ def main():
     if xp is not np:
         mem += f", device pool {xp.get_default_memory_pool().total_bytes() / 2**20:.0f} MiB"
     width = f" width {a.width}" if a.backbone == "convnet" and a.width != 64 else ""
+    if a.log2_chunk is not None:
+        width += f" chunk 2**{a.log2_chunk}"
     print(f"scratchproto {a.backbone}{width} {backend.device_name(xp)} {a.way}w{a.shot}s{a.query}q "
           f"numpy {np.__version__} python {platform.python_version()}: "
           f"sec/episode={med:.4f} (min {min(times):.4f}, {len(times)} runs) images/s={n_img / med:.0f} {mem}")

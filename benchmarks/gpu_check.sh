@@ -3,7 +3,7 @@
 #   1. the CuPy variants of the tests;
 #   2. one instrumented episode of each backbone on the GPU (per-layer times; also the gate for 4);
 #   3. scratchproto (CuPy) against PyTorch (cuDNN), alternating, both backbones, 60-way 5-shot
-#      5-query, and PyTorch's peak GPU memory for the same episodes;
+#      5-query, and PyTorch's peak GPU memory for the same episodes; im2col chunk sizes;
 #   4. with the time left: ResNet-18 trained with the paper's protocol on the GPU for up to
 #      $EPOCHS epochs (the width sweep's 10), then its 1000-episode test evaluation.
 # Needs CuPy and torch (with CUDA) in $PY, the Omniglot folder data/omniglot (archives, splits
@@ -62,6 +62,12 @@ for bb in ("convnet", "resnet18"):
     print(f"torch {bb}: peak allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB, "
           f"peak reserved {torch.cuda.max_memory_reserved() / 2**20:.0f} MiB")
 EOF
+
+step "im2col chunk size on the GPU (fast.py's 2**21 floats was chosen on the CPU)"
+timeout 90 $PY benchmarks/conv_chunks.py --device gpu --log2-chunks 21 24 27
+for lg in 21 27; do
+  timeout 60 $PY benchmarks/episode.py --backbone resnet18 --device gpu --way 60 --episodes 5 --no-layers --log2-chunk $lg
+done
 
 train_s=$(( $(left) - EVAL_RESERVE ))
 if [ $gate -ne 0 ] || [ $train_s -lt 60 ]; then
