@@ -103,10 +103,10 @@ def main():
     mem = f"peak RSS {rss:.0f} MiB"
     if xp is not np:
         mem += f", device pool {xp.get_default_memory_pool().total_bytes() / 2**20:.0f} MiB"
-    width = f" width {a.width}" if a.backbone == "convnet" and a.width != 64 else ""
+    label = f" width {a.width}" if a.backbone == "convnet" and a.width != 64 else ""
     if a.log2_chunk is not None:
-        width += f" chunk 2**{a.log2_chunk}"
-    print(f"scratchproto {a.backbone}{width} {backend.device_name(xp)} {a.way}w{a.shot}s{a.query}q "
+        label += f" chunk 2**{a.log2_chunk}"
+    print(f"scratchproto {a.backbone}{label} {backend.device_name(xp)} {a.way}w{a.shot}s{a.query}q "
           f"numpy {np.__version__} python {platform.python_version()}: "
           f"sec/episode={med:.4f} (min {min(times):.4f}, {len(times)} runs) images/s={n_img / med:.0f} {mem}")
     if a.no_layers:

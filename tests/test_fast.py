@@ -34,6 +34,11 @@ def _compare(plain, quick, x, train, tol=1e-10):
     np.testing.assert_allclose(y2, y1, rtol=0, atol=tol * np.abs(y1).max())
     d1, d2 = host(plain.backward(r)), host(quick.backward(r))
     np.testing.assert_allclose(d2, d1, rtol=0, atol=tol * np.abs(d1).max())
+    _assert_same_grads(plain, quick, tol)
+
+
+def _assert_same_grads(plain, quick, tol=1e-10):
+    """Every parameter gradient of quick equals plain's, up to tol times the largest of them."""
     g1, g2 = _grads(plain), _grads(quick)
     assert g1.keys() == g2.keys()
     scale = max(np.abs(g).max() for g in g1.values())
@@ -52,6 +57,16 @@ def _compare_with_running_stats(plain, quick, x, train):
         for k in a.buffers:
             np.testing.assert_allclose(backend.to_host(b.buffers[k]), backend.to_host(a.buffers[k]),
                                        rtol=1e-12)
+
+
+def _check_input_gradient(block, x, train, seed):
+    """block's dx against finite differences of sum(block(x) * r), r random (float64)."""
+    r = np.random.default_rng(seed).standard_normal(block.forward(x, train).shape)
+    _zero(block)
+    block.forward(x, train)
+    dx = block.backward(r)
+    num = gradcheck.numerical_gradient(lambda: (block.forward(x, train) * r).sum(), x)
+    assert gradcheck.relative_error(dx, num) < 1e-6
 
 
 @pytest.mark.parametrize("k,stride,padding,h,w", [(3, 1, 1, 8, 8), (3, 2, 1, 7, 9), (5, 1, 2, 8, 8),
@@ -118,12 +133,7 @@ def test_conv_block_gradients():
     for train in (True, False):
         errors = gradcheck.check_layer(quick.conv, x)  # (the conv alone, for completeness)
         assert max(errors.values()) < 1e-6
-        r = np.random.default_rng(8).standard_normal(quick.forward(x, train).shape)
-        _zero(quick)
-        quick.forward(x, train)
-        dx = quick.backward(r)
-        num = gradcheck.numerical_gradient(lambda: (quick.forward(x, train) * r).sum(), x)
-        assert gradcheck.relative_error(dx, num) < 1e-6
+        _check_input_gradient(quick, x, train, seed=8)
 
 
 def test_narrow_block_weight_gradient_without_dy():
@@ -138,10 +148,7 @@ def test_narrow_block_weight_gradient_without_dy():
     r = np.random.default_rng(12).standard_normal(y1.shape)
     plain.backward(r)
     assert quick.backward(r, need_dx=False) is None
-    g1, g2 = _grads(plain), _grads(quick)
-    scale = max(np.abs(g).max() for g in g1.values())
-    for k in g1:
-        np.testing.assert_allclose(g2[k], g1[k], rtol=0, atol=1e-10 * scale, err_msg=k)
+    _assert_same_grads(plain, quick)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -169,9 +176,4 @@ def test_fast_basic_block_gradients():
     blk = fast.FastBasicBlock(3, 4, 2, rng, dtype=F64)
     x = rng.standard_normal((2, 5, 5, 3))
     for train in (True, False):
-        r = np.random.default_rng(16).standard_normal(blk.forward(x, train).shape)
-        _zero(blk)
-        blk.forward(x, train)
-        dx = blk.backward(r)
-        num = gradcheck.numerical_gradient(lambda: (blk.forward(x, train) * r).sum(), x)
-        assert gradcheck.relative_error(dx, num) < 1e-6
+        _check_input_gradient(blk, x, train, seed=16)
