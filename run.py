@@ -53,7 +53,9 @@ def parser():
         t.add_argument(f"--{part}-shot", type=int, default=getattr(D, f"{part}_shot"), help=f"support images per class, {what} (default: %(default)s)")
         t.add_argument(f"--{part}-query", type=int, default=getattr(D, f"{part}_query"), help=f"query images per class, {what} (default: %(default)s)")
         t.add_argument(f"--{part}-episodes", type=int, default=getattr(D, f"{part}_episodes"), help=f"{what} episodes per epoch (default: %(default)s)")
-    t.add_argument("--trainval", action="store_true", help="train on train+val with no validation (as the reference allows)")
+    t.add_argument("--trainval", action="store_true", help="train on train+val with no validation, as Snell et al. did for their reported "
+                   "numbers: take --epochs from a run on train and evaluate last.npz (best.npz "
+                   "then follows the training loss)")
     t.add_argument("--seed", type=int, default=D.seed, help="seeds the weights and every episode (default: %(default)s)")
     t.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<backbone>-<timestamp>)")
 
