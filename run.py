@@ -118,7 +118,10 @@ def main(argv=None):
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt    # SIGTERM (kill, a batch scheduler) ends a run as Ctrl-C does
+    # SIGTERM (kill, a batch scheduler) ends a run as Ctrl-C does. Only the first: `timeout` and `pkill -f`
+    # often deliver two, and a second KeyboardInterrupt during the shutdown prints a traceback at exit.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

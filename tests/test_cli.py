@@ -95,3 +95,25 @@ def test_gpu_request_without_gpu_warns_once_and_falls_back(capsys):
     assert err[0].endswith("falling back to NumPy on the CPU")
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         backend.get_xp("tpu")
+
+
+def test_sigterm_interrupts_once_and_later_ones_are_ignored():
+    import importlib.util
+    import os
+    import signal
+    import time
+    spec = importlib.util.spec_from_file_location("run_script", REPO / "run.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    previous = signal.signal(signal.SIGTERM, script._interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)    # the handler runs between bytecodes; it must not get past this
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)    # the second signal, during the shutdown
+            time.sleep(0.1)
+        except KeyboardInterrupt:
+            pytest.fail("a second SIGTERM interrupted the shutdown of the first")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
