@@ -1,7 +1,11 @@
 """run.py as a user meets it: help, one-line errors with a non-zero exit, the three modes."""
+import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -98,10 +102,6 @@ def test_gpu_request_without_gpu_warns_once_and_falls_back(capsys):
 
 
 def test_sigterm_interrupts_once_and_later_ones_are_ignored():
-    import importlib.util
-    import os
-    import signal
-    import time
     spec = importlib.util.spec_from_file_location("run_script", REPO / "run.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
