@@ -15,7 +15,7 @@ import signal
 import sys
 
 import scratchproto as sp
-from scratchproto import trainer
+from scratchproto import files, trainer
 from scratchproto.backbones import BACKBONES
 from scratchproto.omniglot import MIRROR_ENV
 
@@ -82,8 +82,10 @@ def main(argv=None):
     progress = not args.no_progress
     if sum(x is not None for x in (args.resume, args.eval, args.plot, args.plot_sweep)) > 1:
         raise sp.UserError("choose one of --resume, --eval, --plot and --plot-sweep")
-    if args.at_epoch is not None and (not args.plot_sweep or args.at_epoch < 1):
-        raise sp.UserError("--at-epoch N goes with --plot-sweep, and N must be at least 1")
+    if args.at_epoch is not None and not args.plot_sweep:
+        raise sp.UserError("--at-epoch N goes with --plot-sweep")
+    # every number, before any work (a mistyped flag costs no download and no epoch)
+    trainer.check_numbers(vars(args))
     if args.plot_sweep:
         path, rows = sp.plots.plot_sweep(args.plot_sweep, epoch=args.at_epoch)
         print(sp.plots.format_sweep(rows))
@@ -95,6 +97,8 @@ def main(argv=None):
         return 0
     if args.eval:
         settings = trainer.STANDARD if args.standard else [(args.way, args.shot)]
+        dest = pathlib.Path(args.eval_out or pathlib.Path(args.eval).with_name("eval.json"))
+        files.check_writable(dest, "evaluation", "choose where to write it with --eval-out")  # now, not after it
         out = trainer.evaluate(args.eval, settings, split=args.split, query=args.query, n=args.episodes,
                                device=args.device or D.device, data=args.data, mirror=args.mirror,
                                progress=progress)
@@ -103,8 +107,7 @@ def main(argv=None):
                   f"acc {100 * r['acc']:.2f}% +- {100 * r['acc_ci95']:.2f}% (95% CI)  loss {r['loss']:.4f}  "
                   f"nc1 {r['nc1_support']:.3g}/{r['nc1_query']:.3g}  nc2 {r['nc2_support']:.3f}/{r['nc2_query']:.3f}"
                   f"  (support/query)")
-        dest = pathlib.Path(args.eval_out or pathlib.Path(args.eval).with_name("eval.json"))
-        dest.write_text(json.dumps(out, indent=2) + "\n")
+        files.atomic_write(dest, json.dumps(out, indent=2) + "\n")
         print(f"wrote {dest}")
         return 0
     if args.resume:
@@ -124,12 +127,21 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)
+def cli(argv=None):
+    """main() as a command: a user's error is one line on stderr and exit status 2."""
     try:
-        sys.exit(main())
+        return main(argv)
     except sp.UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except OSError as e:
+        # a file-system fault on a path the code does not word itself: still one line, naming it
+        print(f"error: {files.fs_error(e, e.filename or 'a file', 'use')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
+    sys.exit(cli())

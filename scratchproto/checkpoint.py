@@ -3,46 +3,54 @@
 Keys: ``state.<name>`` (weights and BatchNorm buffers, exactly the reference PyTorch model's
 state_dict names, conv weights (out, in, kh, kw)), ``adam.<key>`` (step, lr, moments) and ``meta``
 (JSON: backbone, width, epoch, the early-stopping counters, the episode RNG seeds). Written to a
-temporary file and renamed, so a crash mid-write never leaves a half checkpoint.
+temporary file and renamed (files.atomic_write), so a crash mid-write never leaves a half
+checkpoint and a failed write leaves the previous one intact.
 """
 import json
-import os
 import pathlib
 import zipfile
+import zlib
 
 import numpy as np
 
+from . import files
 from .errors import UserError
 
 FORMAT = "scratchproto-checkpoint-1"
 
 
-def save(path, net, opt=None, **meta):
-    """Write ``net`` (and ``opt``) with ``meta`` (JSON-able) to ``path`` atomically."""
-    path = pathlib.Path(path)
+def save(path, net, opt=None, hint=None, **meta):
+    """Write ``net`` (and ``opt``) with ``meta`` (JSON-able) to ``path`` atomically.
+
+    ``hint``: what the user should do if the write fails (the FileError's advice)."""
     arrays = {f"state.{k}": v for k, v in net.state_dict().items()}
     if opt is not None:
         arrays.update({f"adam.{k}": v for k, v in opt.state_dict().items()})
     meta = {"format": FORMAT, "backbone": net.name, "width": net.width, **meta}
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        np.savez(f, meta=json.dumps(meta), **arrays)
-    os.replace(tmp, path)
+    files.atomic_write(path, lambda f: np.savez(f, meta=json.dumps(meta), **arrays), hint)
 
 
 def load(path):
     """Read a checkpoint: returns (meta dict, state dict, optimiser state dict or None)."""
     path = pathlib.Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a checkpoint: name the file, e.g. {path / 'best.npz'}")
+    if not path.exists():
         raise UserError(f"no checkpoint at {path}")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             state = {k[6:]: z[k] for k in z.files if k.startswith("state.")}
             adam = {k[5:]: z[k] for k in z.files if k.startswith("adam.")} or None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError):
+    except KeyError:
         raise UserError(f"{path} is not a scratchproto checkpoint (expected an .npz written by "
                         f"run.py)") from None
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error, json.JSONDecodeError) as e:
+        # a .npz cut short (a copy that did not finish, a full disk outside run.py) or not one at all
+        raise UserError(f"{path} is damaged or not a scratchproto checkpoint ({type(e).__name__}: "
+                        f"{e}); use another checkpoint") from None
+    except OSError as e:
+        raise files.fs_error(e, path, "read checkpoint") from None
     found = meta.get("format") if isinstance(meta, dict) else None
     if found != FORMAT:
         raise UserError(f"{path} is not a scratchproto checkpoint (format {found!r}, "

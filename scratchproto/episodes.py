@@ -12,18 +12,19 @@ from .errors import UserError
 from .omniglot import DRAWERS, unpack
 
 
-def check_episode(way, shot, query, n_classes=None, split=None):
-    """Raise UserError for an episode shape that cannot be sampled."""
+def check_episode(way, shot, query, n_classes=None, split=None, flags=""):
+    """Raise UserError for an episode shape that cannot be sampled. ``flags``: the prefix of the
+    names in the message, e.g. '--train-' for run.py's --train-way, --train-shot, --train-query."""
     for name, v in (("way", way), ("shot", shot), ("query", query)):
         if int(v) != v or v < 1:
-            raise UserError(f"{name} must be a positive integer, got {v}")
+            raise UserError(f"{flags}{name} must be a positive integer, got {v}")
     if way < 2:
-        raise UserError(f"way must be at least 2 (a prototype needs a rival), got {way}")
+        raise UserError(f"{flags}way must be at least 2 (a prototype needs a rival), got {way}")
     if shot + query > DRAWERS:
-        raise UserError(f"shot + query = {shot + query} exceeds the {DRAWERS} drawers of an "
-                        f"Omniglot class")
+        raise UserError(f"{flags}shot + {flags}query = {shot + query} exceeds the {DRAWERS} drawers "
+                        f"of an Omniglot class")
     if n_classes is not None and way > n_classes:
-        raise UserError(f"way = {way} exceeds the {n_classes} classes of split {split!r}")
+        raise UserError(f"{flags}way = {way} exceeds the {n_classes} classes of split {split!r}")
 
 
 def draw(rng, n_classes, way, per_class):

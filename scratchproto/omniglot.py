@@ -24,13 +24,16 @@ import io
 import json
 import os
 import pathlib
+import sys
 import urllib.parse
 import urllib.request
 import zipfile
 
 import numpy as np
 
+from . import files
 from .errors import UserError
+from .files import fs_error
 
 ARCHIVES = {
     "images_background": "0c9dd3e690771a96b7005791e921146797608178e3c6ee5ba6e82cc98a57121e",
@@ -75,20 +78,35 @@ def source_url(relpath, mirror=None):
 def download(url, dest, progress=True):
     """Stream ``url`` into ``dest`` (a temporary name the caller verifies and moves)."""
     from tqdm import tqdm
+
+    def unreachable(e):
+        return DataError(f"could not download {url}: {e}; check the network, or point --mirror "
+                         f"(or ${MIRROR_ENV}) at a copy of the files")
     try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as out:
+        resp = urllib.request.urlopen(url, timeout=60)
+    except (OSError, ValueError) as e:   # URLError, HTTPError, timeouts, bad URLs
+        raise unreachable(e) from None
+    try:
+        with resp, open(dest, "wb") as out:
             total = resp.headers.get("Content-Length")
             with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
                       desc=f"download {pathlib.Path(url).name}", disable=not progress,
                       leave=False) as bar:
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
+                while True:
+                    try:
+                        chunk = resp.read(1 << 20)
+                    except OSError as e:   # the connection broke
+                        raise unreachable(e) from None
+                    if not chunk:
+                        break
+                    out.write(chunk)       # an OSError here is the local disk's (full, read-only)
                     bar.update(len(chunk))
     except BaseException as e:   # a half file is never left behind, even on Ctrl-C
         pathlib.Path(dest).unlink(missing_ok=True)
-        if isinstance(e, (OSError, ValueError)):   # URLError, HTTPError, timeouts, bad URLs
-            raise DataError(f"could not download {url}: {e}; check the network, or point --mirror "
-                            f"(or ${MIRROR_ENV}) at a copy of the files") from None
+        if isinstance(e, OSError):
+            final = pathlib.Path(dest).with_suffix("")     # the name without .part
+            raise fs_error(e, final, "write", "choose a --data folder on a writable disk with "
+                                              "space, or fix this one") from None
         raise
 
 
@@ -113,8 +131,9 @@ def read_archive(path, name):
     from PIL import Image
     digest = hashlib.sha256()
     chars, images = [], []
+    f = open(path, "rb")     # an OSError (permissions, a folder) is about the path, not the content
     try:
-        with zipfile.ZipFile(path) as zf:
+        with f, zipfile.ZipFile(f) as zf:
             members = sorted(m for m in zf.namelist() if m.endswith(".png"))
             for m in members:
                 with Image.open(io.BytesIO(zf.read(m))) as img:
@@ -141,7 +160,7 @@ def read_split(path, name):
     """The class names of a split file; _Invalid unless it holds the expected number."""
     try:
         lines = [ln.strip() for ln in pathlib.Path(path).read_text().splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise _Invalid(f"cannot be read as a split file ({e})") from None
     if len(lines) != SPLITS[name] or len(set(lines)) != len(lines):
         raise _Invalid(f"lists {len(set(lines))} distinct classes, expected {SPLITS[name]} "
@@ -175,7 +194,7 @@ class Omniglot:
     def __init__(self, root="data/omniglot", mirror=None, progress=True):
         self.root = pathlib.Path(root)
         self.mirror, self.progress = mirror, progress
-        self.root.mkdir(parents=True, exist_ok=True)
+        files.ensure_folder(self.root, "Omniglot folder (--data)")
         self._splits = {name: self._fetch(f"splits/vinyals/{name}.txt", read_split, name)
                         for name in SPLITS}
         self._load_images()
@@ -195,7 +214,9 @@ class Omniglot:
                 return reader(path, name)
             except _Invalid as e:
                 raise DataError(f"{path} {e}: delete it and re-run to download it again") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise fs_error(e, path, "read") from None
+        files.ensure_folder(path.parent, "Omniglot folder (--data)")
         tmp = path.with_name(path.name + ".part")
         url = source_url(relpath, self.mirror)
         download(url, tmp, self.progress)
@@ -227,10 +248,12 @@ class Omniglot:
             chars += c
             bits.append(b)
         self._set(chars, np.concatenate(bits))
-        tmp = cache.with_name(cache.name + ".part")
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=json.dumps(_cache_meta(paths)), chars=np.array(chars), bits=self.bits)
-        os.replace(tmp, cache)
+        meta = json.dumps(_cache_meta(paths))
+        try:
+            files.atomic_write(cache, lambda f: np.savez(f, meta=meta, chars=np.array(chars), bits=self.bits))
+        except files.FileError as e:   # the images are in memory: go on, just without the cache
+            print(f"warning: {e} (the cache only saves time: the next run decodes the images again)",
+                  file=sys.stderr)
 
     def _set(self, chars, bits):
         self.characters = chars

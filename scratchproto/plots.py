@@ -11,18 +11,32 @@ and, across runs (a model-size sweep):
   against the number of parameters, on a log axis: the paper's conclusion asks whether collapse
   follows model size
 """
-import json
 import os
 import pathlib
+import sys
 
+from . import files
 from .errors import UserError
 
 
+def _save(fig, path):
+    """Write a figure as PNG atomically (a failed write keeps the old figure), then close it."""
+    import matplotlib.pyplot as plt
+    try:
+        files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
 def read_trace(run_dir):
+    """The records of RUN_DIR/trace.jsonl; a last line cut by a crash is left out, with a warning."""
     path = pathlib.Path(run_dir) / "trace.jsonl"
     if not path.exists():
         raise UserError(f"no trace at {path}: is {run_dir} a run folder?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, dropped = files.read_jsonl(path)
+    if dropped:
+        print(f"warning: the last line of {path} was cut short (a crash while writing it); "
+              f"left out", file=sys.stderr)
     if not records:
         raise UserError(f"{path} is empty: the run has not finished an epoch yet")
     return records
@@ -68,8 +82,7 @@ def plot_run(run_dir, title=None):
     axes[1].set_title("loss")
     fig.suptitle(f"{title}: error and loss")
     fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=110)
-    plt.close(fig)
+    _save(fig, run_dir / "curves.png")
     written.append(run_dir / "curves.png")
 
     for part in parts:
@@ -93,8 +106,7 @@ def plot_run(run_dir, title=None):
         fig.suptitle(f"{title}: neural collapse on {word} episodes")
         fig.tight_layout()
         out = run_dir / f"nc_{part}.png"
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
+        _save(fig, out)
         written.append(out)
     return written
 
@@ -115,7 +127,7 @@ def _sweep_row(run_dir, epoch=None):
     path = run_dir / "config.json"
     if not path.exists():
         raise UserError(f"no config.json in {run_dir}: is it a run folder?")
-    info = json.loads(path.read_text())
+    info = files.read_json(path, "run settings")
     cfg = info["config"]
     name = cfg["backbone"] + (f" width {cfg['width']}" if cfg["backbone"] == "convnet" else "")
     row = {"run": str(run_dir), "name": name, "parameters": info["parameters"],
@@ -123,7 +135,7 @@ def _sweep_row(run_dir, epoch=None):
            "minutes": sum(r.get("seconds", 0) for r in records) / 60}
     ev = run_dir / "eval.json"
     if ev.exists():
-        evaluation = json.loads(ev.read_text())
+        evaluation = files.read_json(ev, "evaluation")
         for r in evaluation["results"]:
             row["test"][f"{r['way']}w{r['shot']}s"] = r["acc"]
         row["test_epoch"] = evaluation["epoch"]
@@ -202,6 +214,5 @@ def plot_sweep(run_dirs, out_dir=None, epoch=None):
         out_dir = os.path.commonpath([str(pathlib.Path(d).parent) for d in run_dirs])
     out_dir = pathlib.Path(out_dir)
     out = out_dir / ("nc_vs_parameters.png" if epoch is None else f"nc_vs_parameters_epoch{epoch}.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out)
     return out, rows

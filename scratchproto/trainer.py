@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from . import backend, checkpoint, plots
+from . import backend, checkpoint, files, plots
 from .backbones import build_backbone
 from .collapse import METRICS
 from .episodes import check_episode, episodes
@@ -89,23 +89,57 @@ def _versions(xp):
     return out
 
 
+# The numeric settings and what each must be; checked before any work starts (check_numbers),
+# so a mistyped flag costs no download and no epoch. Named as run.py's flags name them.
+POSITIVE_INTS = ("width", "epochs", "patience", "lr_step", "train_way", "train_shot", "train_query",
+                 "train_episodes", "val_way", "val_shot", "val_query", "val_episodes",
+                 "way", "shot", "query", "episodes", "at_epoch")
+
+
+def check_numbers(values):
+    """Raise UserError, naming the flag, for the first impossible number in ``values`` (a dict of
+    Config fields and run.py's evaluation flags; absent or None entries are skipped)."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    for name in POSITIVE_INTS:
+        v = values.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 1):
+            raise UserError(f"{flag(name)} must be a positive integer, got {v}")
+    seed = values.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise UserError(f"--seed must be a non-negative integer, got {seed}")
+    for name, low, high, rule in (("lr", 0, math.inf, "a finite number > 0"),
+                                  ("lr_gamma", 0, 1, "a factor with 0 < lr-gamma <= 1"),
+                                  ("weight_decay", None, math.inf, "a finite number >= 0")):
+        v = values.get(name)
+        if v is None:
+            continue
+        ok = isinstance(v, (int, float)) and math.isfinite(v) and v <= high and (v > low if low is not None else v >= 0)
+        if not ok:
+            raise UserError(f"{flag(name)} must be {rule}, got {v}")
+    for part in ("train_", "val_", ""):
+        shape = [values.get(part + k) for k in ("way", "shot", "query")]
+        if None not in shape:
+            check_episode(*shape, flags=flag(part))
+
+
 def _check_config(cfg, ds):
+    check_numbers(dataclasses.asdict(cfg))
     train_split = "trainval" if cfg.trainval else "train"
-    check_episode(cfg.train_way, cfg.train_shot, cfg.train_query, len(ds.classes(train_split)), train_split)
+    check_episode(cfg.train_way, cfg.train_shot, cfg.train_query, len(ds.classes(train_split)),
+                  train_split, flags="--train-")
     if not cfg.trainval:
-        check_episode(cfg.val_way, cfg.val_shot, cfg.val_query, len(ds.classes("val")), "val")
-    for name in ("epochs", "patience", "train_episodes", "val_episodes", "lr_step", "width"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or not 0 < cfg.lr_gamma <= 1 or cfg.weight_decay < 0:
-        raise UserError("need lr > 0, 0 < lr-gamma <= 1 and weight-decay >= 0")
+        check_episode(cfg.val_way, cfg.val_shot, cfg.val_query, len(ds.classes("val")), "val",
+                      flags="--val-")
 
 
-def _read_trace(path, upto):
+def _read_trace(path, upto, log):
     """The trace's records for epochs <= upto (later ones were written after the checkpoint)."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, dropped = files.read_jsonl(path)
+    if dropped:
+        log(f"{path}: its last line was cut short (a crash while writing it); dropped")
     return [r for r in records if r["epoch"] <= upto]
 
 
@@ -117,25 +151,42 @@ def train(cfg=None, out=None, resume=None, overrides=None, progress=True, log=pr
 
     ``resume``: a run folder to continue from its last.npz, with its own config.json; of the
     settings only those in RESUME_OVERRIDES may be changed then, through ``overrides``.
+    While it trains, the run folder is locked (files.FolderLock): a second run pointed at it
+    refuses at once.
     """
     if resume is not None:
         run_dir = pathlib.Path(resume)
+        if not run_dir.is_dir():
+            raise UserError(f"{run_dir} is not a run folder to resume ("
+                            f"{'it is a file' if run_dir.exists() else 'it does not exist'})")
         if not (run_dir / "config.json").exists() or not (run_dir / "last.npz").exists():
             raise UserError(f"{run_dir} is not a run folder to resume (no config.json and last.npz)")
-        saved = json.loads((run_dir / "config.json").read_text())["config"]
         bad_keys = set(overrides or {}) - set(RESUME_OVERRIDES)
         if bad_keys:
             raise UserError(f"a resumed run keeps its settings; only {', '.join(RESUME_OVERRIDES)} "
                             f"may change (got {', '.join(sorted(bad_keys))})")
-        cfg = Config(**{**saved, **(overrides or {})})
-    else:
-        cfg = cfg or Config()
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = pathlib.Path(out or f"runs/{cfg.backbone}-{stamp}")
+        check_numbers(overrides or {})
+        with files.FolderLock(run_dir):
+            saved = files.read_json(run_dir / "config.json", "run settings")
+            try:
+                cfg = Config(**{**saved["config"], **(overrides or {})})
+            except (KeyError, TypeError):
+                raise UserError(f"{run_dir / 'config.json'} does not hold the settings of a run "
+                                f"written by this version of run.py") from None
+            return _train(cfg, run_dir, True, progress, log)
+    cfg = cfg or Config()
+    check_numbers(dataclasses.asdict(cfg))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = files.ensure_folder(out or f"runs/{cfg.backbone}-{stamp}", "run folder")
+    with files.FolderLock(run_dir):
         if (run_dir / "config.json").exists() or (run_dir / "trace.jsonl").exists():
             raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                             f"or choose another --out")
+        return _train(cfg, run_dir, False, progress, log)
 
+
+def _train(cfg, run_dir, resume, progress, log):
+    """The training loop of ``train``, in a locked run folder."""
     ds = Omniglot(cfg.data, cfg.mirror, progress=progress)
     _check_config(cfg, ds)
     xp = backend.get_xp(cfg.device)
@@ -144,17 +195,23 @@ def train(cfg=None, out=None, resume=None, overrides=None, progress=True, log=pr
     model = ProtoNet(net)
     epoch, best, bad = 0, math.inf, 0
     trace_path = run_dir / "trace.jsonl"
-    if resume is not None:
-        meta, state, adam = checkpoint.load(run_dir / "last.npz")
+    if resume:
+        try:
+            meta, state, adam = checkpoint.load(run_dir / "last.npz")
+        except files.FileError:
+            raise
+        except UserError as e:
+            raise UserError(f"{e}. To continue from the best epoch instead, copy best.npz over "
+                            f"last.npz and resume again") from None
         net.load_state_dict(state)
         opt.load_state_dict(adam)
         epoch, best, bad = meta["epoch"], meta["best_loss"], meta["bad_epochs"]
-        kept = _read_trace(trace_path, epoch)
-        trace_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # the trace may run ahead of last.npz (a crash between the two writes): cut it back
+        kept = "".join(json.dumps(r) + "\n" for r in _read_trace(trace_path, epoch, log))
+        if not trace_path.exists() or kept != files.read_text(trace_path, "trace"):
+            files.atomic_write(trace_path, kept, "fix that, then resume again")
         log(f"resuming {run_dir} after epoch {epoch}")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({
+    files.atomic_write(run_dir / "config.json", json.dumps({
         "config": dataclasses.asdict(cfg), "device": backend.device_name(xp),
         "versions": _versions(xp), "parameters": net.num_parameters(),
         "started": datetime.datetime.now().isoformat(timespec="seconds")}, indent=2) + "\n")
@@ -180,18 +237,20 @@ def train(cfg=None, out=None, resume=None, overrides=None, progress=True, log=pr
                     cfg.val_episodes, False, desc=f"epoch {e} val", progress=progress,
                     where=f"epoch {e} (validation)")
             record["seconds"] = time.perf_counter() - t0
-            with open(trace_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            # if a write fails, what was saved before stays intact and the run continues from it
+            hint = (f"fix that, then continue with: python run.py --resume {run_dir} (last.npz "
+                    f"holds epoch {epoch})" if epoch else "fix that and start the run again")
+            files.append_line(trace_path, json.dumps(record), hint)
             watched = record["val" if not cfg.trainval else "train"]["loss"]
-            epoch = e
             if watched < best:
                 best, bad = watched, 0
-                checkpoint.save(run_dir / "best.npz", net, opt, epoch=e, best_loss=best, bad_epochs=0,
-                                seed=cfg.seed)
+                checkpoint.save(run_dir / "best.npz", net, opt, hint, epoch=e, best_loss=best,
+                                bad_epochs=0, seed=cfg.seed)
             else:
                 bad += 1
-            checkpoint.save(run_dir / "last.npz", net, opt, epoch=e, best_loss=best, bad_epochs=bad,
-                            seed=cfg.seed)
+            checkpoint.save(run_dir / "last.npz", net, opt, hint, epoch=e, best_loss=best,
+                            bad_epochs=bad, seed=cfg.seed)
+            epoch = e
             log(summary(record) + (" *" if bad == 0 else ""))
     except KeyboardInterrupt:
         log(f"\ninterrupted in epoch {epoch + 1}; {run_dir / 'last.npz'} holds epoch {epoch}. "

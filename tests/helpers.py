@@ -1,6 +1,7 @@
 """Shared test helpers: where the offline Omniglot mirror is, and a loopback HTTP server for it."""
 import functools
 import http.server
+import json
 import os
 import pathlib
 import threading
@@ -29,3 +30,13 @@ def http_mirror(folder):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def trace_without_seconds(run_dir):
+    """A run's trace.jsonl records without the wall-clock seconds, which differ from run to run."""
+    out = []
+    for line in (pathlib.Path(run_dir) / "trace.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        r.pop("seconds")
+        out.append(r)
+    return out

@@ -8,6 +8,8 @@ import scratchproto as sp
 from scratchproto import checkpoint, trainer
 from scratchproto.protonet import ProtoNet
 
+from helpers import trace_without_seconds
+
 
 def tiny(omniglot, **kw):
     cfg = dict(backbone="convnet", width=8, device="cpu", epochs=2, train_way=5, train_shot=2,
@@ -15,16 +17,6 @@ def tiny(omniglot, **kw):
                seed=7, data=str(omniglot.root), mirror="http://127.0.0.1:9/offline")
     cfg.update(kw)
     return trainer.Config(**cfg)
-
-
-def traces(run_dir):
-    """The trace without the wall-clock seconds, which differ from run to run."""
-    out = []
-    for line in (run_dir / "trace.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        r.pop("seconds")
-        out.append(r)
-    return out
 
 
 def test_short_run_produces_every_file(omniglot, tmp_path):
@@ -35,7 +27,7 @@ def test_short_run_produces_every_file(omniglot, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["train_way"] == 5 and config["device"] == "cpu"
     assert config["versions"]["numpy"] == np.__version__ and config["parameters"] > 0
-    records = traces(run)
+    records = trace_without_seconds(run)
     assert [r["epoch"] for r in records] == [1, 2]
     assert set(records[0]) == {"epoch", "lr", "train", "val"}
     for part in ("train", "val"):
@@ -66,10 +58,10 @@ def test_interrupted_and_resumed_run_gives_the_same_trace(omniglot, tmp_path, mo
     monkeypatch.setattr(ProtoNet, "episode", real)
     assert checkpoint.load(tmp_path / "b" / "last.npz")[0]["epoch"] == 2
     trainer.train(resume=tmp_path / "b", progress=False, log=lambda *a: None)
-    assert traces(tmp_path / "b") == traces(straight)
+    assert trace_without_seconds(tmp_path / "b") == trace_without_seconds(straight)
     # and continuing a finished run further, with a larger epoch limit
     trainer.train(resume=tmp_path / "b", overrides={"epochs": 4}, progress=False, log=lambda *a: None)
-    assert [r["epoch"] for r in traces(tmp_path / "b")] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in trace_without_seconds(tmp_path / "b")] == [1, 2, 3, 4]
 
 
 def test_resume_refuses_other_settings(omniglot, tmp_path):
@@ -106,11 +98,11 @@ def test_divergence_stops_with_a_clear_message(omniglot, tmp_path, monkeypatch):
 def test_early_stopping_and_trainval(omniglot, tmp_path):
     run = trainer.train(tiny(omniglot, epochs=6, patience=1, lr=1e-9), out=tmp_path / "p", progress=False,
                         log=lambda *a: None)
-    n = len(traces(run))
+    n = len(trace_without_seconds(run))
     assert n < 6                      # with a frozen model the val loss stops improving at once
     run = trainer.train(tiny(omniglot, epochs=1, trainval=True), out=tmp_path / "tv", progress=False,
                         log=lambda *a: None)
-    assert "val" not in traces(run)[0] and (run / "best.npz").exists() and not (run / "nc_val.png").exists()
+    assert "val" not in trace_without_seconds(run)[0] and (run / "best.npz").exists() and not (run / "nc_val.png").exists()
 
 
 def test_evaluate_standard_settings(omniglot, tmp_path):
@@ -134,7 +126,7 @@ def test_evaluate_errors(omniglot, tmp_path):
     with pytest.raises(sp.UserError, match="is not a scratchproto checkpoint"):
         trainer.evaluate(tmp_path / "foreign.npz", [(5, 5)], data=str(omniglot.root), progress=False)
     (tmp_path / "text.npz").write_text("hello")
-    with pytest.raises(sp.UserError, match="is not a scratchproto checkpoint"):
+    with pytest.raises(sp.UserError, match="is damaged or not a scratchproto checkpoint"):
         trainer.evaluate(tmp_path / "text.npz", [(5, 5)], data=str(omniglot.root), progress=False)
 
 
