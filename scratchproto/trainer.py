@@ -177,12 +177,19 @@ def train(cfg=None, out=None, resume=None, overrides=None, progress=True, log=pr
     cfg = cfg or Config()
     check_numbers(dataclasses.asdict(cfg))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = files.ensure_folder(out or f"runs/{cfg.backbone}-{stamp}", "run folder")
-    with files.FolderLock(run_dir):
-        if (run_dir / "config.json").exists() or (run_dir / "trace.jsonl").exists():
-            raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
-                            f"or choose another --out")
-        return _train(cfg, run_dir, False, progress, log)
+    run_dir = pathlib.Path(out or f"runs/{cfg.backbone}-{stamp}")
+    created = not run_dir.exists()
+    files.ensure_folder(run_dir, "run folder")
+    try:
+        with files.FolderLock(run_dir):
+            if (run_dir / "config.json").exists() or (run_dir / "trace.jsonl").exists():
+                raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                                f"or choose another --out")
+            return _train(cfg, run_dir, False, progress, log)
+    except BaseException:
+        if created and not any(run_dir.iterdir()):   # a start that failed leaves no empty folder
+            run_dir.rmdir()
+        raise
 
 
 def _train(cfg, run_dir, resume, progress, log):

@@ -110,6 +110,7 @@ def test_missing_paths_and_paths_of_the_wrong_kind(omniglot, finished, tmp_path)
                    "a part of the path is a file")
     one_line_error(cli(*TINY, "--out", str(tmp_path / "r"), "--data", str(a_file)), a_file,
                    "is a file, not a folder")
+    assert not (tmp_path / "r").exists()        # a start that failed leaves no empty run folder
     one_line_error(cli("--resume", str(a_file), data=omniglot.root), a_file, "it is a file")
     one_line_error(cli("--resume", str(tmp_path / "gone"), data=omniglot.root), tmp_path / "gone",
                    "it does not exist")
