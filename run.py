@@ -105,7 +105,8 @@ def main(argv=None):
         for r in out["results"]:
             print(f"{out['split']} {r['way']}-way {r['shot']}-shot {r['query']}-query, {r['episodes']} episodes: "
                   f"acc {100 * r['acc']:.2f}% +- {100 * r['acc_ci95']:.2f}% (95% CI)  loss {r['loss']:.4f}  "
-                  f"nc1 {r['nc1_support']:.3g}/{r['nc1_query']:.3g}  nc2 {r['nc2_support']:.3f}/{r['nc2_query']:.3f}"
+                  f"nc1 {sp.plots.fmt(r['nc1_support'])}/{sp.plots.fmt(r['nc1_query'])}  "
+                  f"nc2 {r['nc2_support']:.3f}/{r['nc2_query']:.3f}"
                   f"  (support/query)")
         files.atomic_write(dest, json.dumps(out, indent=2) + "\n")
         print(f"wrote {dest}")

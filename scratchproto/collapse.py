@@ -15,6 +15,10 @@ centred means H = [mu_n - mu_G] (N, d),
 * cdnv      = mean over pairs n<m of (V_n + V_m) / (2 ||mu_n - mu_m||^2), V_n the mean squared
               distance of class n's features to mu_n   (Galanti, Gyorgy & Hutter 2021)
 
+With one sample per class (K = 1, a 1-shot support set) there is no within-class variability to
+measure: nc1 and cdnv would be 0 by construction, not by collapse, so they are None (null in
+trace.jsonl and eval.json; the figures leave them out and say why).
+
 All are computed in float64 on the host. A simplex ETF of class means makes nc2, nc2_unit,
 equinorm and equiangle zero; features sitting on their class means make nc1 and cdnv zero; all
 are unchanged by a global shift, rotation or scaling of the features.
@@ -32,6 +36,7 @@ E (NK, d) being the features minus their class means; only N x d and NK x r prod
 import numpy as np
 
 METRICS = ("nc1", "nc2", "nc2_unit", "equinorm", "equiangle", "cdnv")
+WITHIN_CLASS = ("nc1", "cdnv")      # undefined (None) with one sample per class
 PINV_RTOL = np.finfo(np.float32).eps
 
 
@@ -44,7 +49,8 @@ def _etf_distance(h_c):
 
 
 def collapse_metrics(h):
-    """Every metric above for features h: (N, K, d) array (NumPy; N >= 2). Returns {name: float}."""
+    """Every metric above for features h: (N, K, d) array (NumPy; N >= 2). Returns {name: float},
+    with None for the WITHIN_CLASS metrics when K = 1."""
     h = np.asarray(h, dtype=np.float64)
     if h.ndim != 3 or h.shape[0] < 2 or h.shape[1] < 1:
         raise ValueError(f"features must be (N >= 2 classes, K >= 1 samples, d), got {h.shape}")
@@ -69,10 +75,10 @@ def collapse_metrics(h):
     with np.errstate(divide="ignore", invalid="ignore"):
         cdnv = (var[:, None] + var[None, :]) / (2 * dist2)
     return {
-        "nc1": nc1,
+        "nc1": nc1 if k > 1 else None,
         "nc2": _etf_distance(centred),
         "nc2_unit": _etf_distance(unit),
         "equinorm": float(norms.std() / norms.mean()),
         "equiangle": float(np.abs(cos[pairs] + 1.0 / (n - 1)).mean()),
-        "cdnv": float(cdnv[pairs].mean()),
+        "cdnv": float(cdnv[pairs].mean()) if k > 1 else None,
     }

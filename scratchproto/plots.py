@@ -42,13 +42,18 @@ def read_trace(run_dir):
     return records
 
 
+def fmt(value, spec=".3g"):
+    """A metric for a line of text: 'n/a' where it is undefined (None: nc1 of a 1-shot support set)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def _parts(record):
     """The episode kinds a trace record holds: train, and val unless the run had none."""
     return [p for p in ("train", "val") if p in record]
 
 
 def _log_if_wide(ax, values):
-    pos = [v for v in values if v > 0]
+    pos = [v for v in values if v is not None and v > 0]
     if pos and max(pos) / min(pos) > 30:
         ax.set_yscale("log")
 
@@ -87,15 +92,21 @@ def plot_run(run_dir, title=None):
 
     for part in parts:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        nc1_title = "NC1: within-class variability"
         for side, color in (("support", "tab:blue"), ("query", "tab:orange")):
             nc1 = [r[part][f"nc1_{side}"] for r in records]
-            axes[0].plot(epochs, nc1, color=color, label=side)
+            if all(v is None for v in nc1):      # one sample per class: nothing to measure
+                axes[0].plot([], [], color=color, label=f"{side}: undefined at 1 shot")
+                nc1_title = (f"NC1: within-class variability\n({side}: one image per class, so "
+                             f"none to measure; 0 by construction, not shown)")
+            else:
+                axes[0].plot(epochs, nc1, color=color, label=side)
             axes[1].plot(epochs, [r[part][f"nc2_{side}"] for r in records], color=color,
                          label=f"nc2 {side}")
             axes[1].plot(epochs, [r[part][f"nc2_unit_{side}"] for r in records], color=color,
                          linestyle="--", label=f"nc2_unit {side}")
         _log_if_wide(axes[0], [r[part][f"nc1_{s}"] for r in records for s in ("support", "query")])
-        axes[0].set_title("NC1: within-class variability")
+        axes[0].set_title(nc1_title, fontsize=10 if "\n" in nc1_title else None)
         axes[1].set_title("NC2: distance of class means from a simplex ETF")
         for ax, name in zip(axes, ("nc1", "nc2")):
             ax.set_xlabel("epoch")
@@ -168,7 +179,7 @@ def format_sweep(rows):
         last = r["last"]
         cells = [r["name"], f"{r['parameters']:,}", str(r["epoch"]), f"{r['minutes']:.0f}"]
         cells += [f"{last[p]['loss']:.4f}" for p in parts]
-        cells += [f"{last[p][m + '_support']:.3g} / {last[p][m + '_query']:.3g}"
+        cells += [f"{fmt(last[p][m + '_support'])} / {fmt(last[p][m + '_query'])}"
                   for p in parts for m in SWEEP_METRICS]
         if settings:
             cells += [str(r.get("test_epoch", ""))]
@@ -193,6 +204,8 @@ def plot_sweep(run_dirs, out_dir=None, epoch=None):
         for part, color in zip(parts, ("tab:blue", "tab:orange")):
             for side, style, marker in (("support", "-", "o"), ("query", "--", "s")):
                 y = [r["last"][part][f"{metric}_{side}"] for r in rows]
+                if None in y:     # undefined at 1 shot
+                    continue
                 ax.plot(x, y, style, color=color, marker=marker, label=f"{part} {side}")
         ax.set_xscale("log")
         if metric != "nc2":

@@ -65,10 +65,16 @@ def metric_keys():
     return ["loss", "acc"] + [f"{m}_{p}" for m in METRICS for p in ("support", "query")]
 
 
+def mean_or_none(values):
+    """The mean of ``values``; None where a metric is undefined (None) for the episodes, as nc1
+    of a 1-shot support set."""
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
 def run_episodes(model, eps, n, train, opt=None, desc="", progress=True, where=""):
     """Run ``n`` episodes; returns the mean of loss, acc and every metric over them."""
     from tqdm import tqdm
-    sums = dict.fromkeys(metric_keys(), 0.0)
+    values = {k: [] for k in metric_keys()}
     bar = tqdm(eps, total=n, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for i, (xs, xq) in enumerate(bar, start=1):
         res = model.episode(xs, xq, train=train)
@@ -76,10 +82,11 @@ def run_episodes(model, eps, n, train, opt=None, desc="", progress=True, where="
             raise Diverged(f"the loss became {res['loss']} in {where}, episode {i}")
         if train:
             opt.step()
-        for k in sums:
-            sums[k] += res[k]
-        bar.set_postfix(loss=f"{sums['loss'] / i:.3f}", acc=f"{sums['acc'] / i:.3f}", refresh=False)
-    return {k: v / n for k, v in sums.items()}
+        for k in values:
+            values[k].append(res[k])
+        bar.set_postfix(loss=f"{sum(values['loss']) / i:.3f}", acc=f"{sum(values['acc']) / i:.3f}",
+                        refresh=False)
+    return {k: mean_or_none(v) for k, v in values.items()}
 
 
 def _versions(xp):
@@ -280,7 +287,7 @@ def summary(record):
         if part in record:
             r = record[part]
             parts.append(f"{part} loss {r['loss']:.4f} acc {r['acc']:.4f} "
-                         f"nc1 {r['nc1_support']:.3g}/{r['nc1_query']:.3g} "
+                         f"nc1 {plots.fmt(r['nc1_support'])}/{plots.fmt(r['nc1_query'])} "
                          f"nc2 {r['nc2_support']:.3f}/{r['nc2_query']:.3f}")
     return " | ".join(parts)
 
@@ -308,14 +315,14 @@ def evaluate(ckpt, settings, split="test", query=15, n=1000, seed=0, device="aut
     from tqdm import tqdm
     results = []
     for way, shot in settings:
-        rows = []
+        values = {k: [] for k in metric_keys()}
         for xs, xq in tqdm(episodes(ds, split, way, shot, query, n, seed=[seed, way, shot], device=xp),
                            total=n, desc=f"{way}-way {shot}-shot", disable=not progress, leave=False):
             res = model.episode(xs, xq, train=False)
-            rows.append([res[k] for k in metric_keys()])
-        rows = np.array(rows)
-        mean = dict(zip(metric_keys(), rows.mean(axis=0).tolist()))
-        acc_sd = rows[:, 1].std(ddof=1) if n > 1 else 0.0
+            for k in values:
+                values[k].append(res[k])
+        mean = {k: mean_or_none(v) for k, v in values.items()}
+        acc_sd = np.std(values["acc"], ddof=1) if n > 1 else 0.0
         results.append({"way": way, "shot": shot, "query": query, "episodes": n,
                         "acc": mean.pop("acc"), "acc_ci95": 1.96 * acc_sd / math.sqrt(n), **mean})
     return {"checkpoint": str(ckpt), "epoch": meta.get("epoch"), "backbone": meta["backbone"],

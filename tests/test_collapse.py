@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from scratchproto import collapse_metrics
-from scratchproto.collapse import METRICS, PINV_RTOL
+from scratchproto.collapse import METRICS, PINV_RTOL, WITHIN_CLASS
 
 
 def dense_reference(h):
@@ -41,7 +41,18 @@ def test_agrees_with_dense_reference(n, k, d):
     h = np.random.default_rng(n * d).standard_normal((n, k, d))
     got, ref = collapse_metrics(h), dense_reference(h)
     for m in METRICS:
+        if k == 1 and m in WITHIN_CLASS:
+            continue      # undefined with one sample per class (test below)
         assert got[m] == pytest.approx(ref[m], rel=1e-9, abs=1e-12), m
+
+
+def test_one_sample_per_class_leaves_the_within_class_metrics_undefined():
+    """With K = 1 the dense formulas give nc1 = cdnv = 0 whatever the features: no finding, so None."""
+    h = np.random.default_rng(3).standard_normal((5, 1, 8))
+    assert dense_reference(h)["nc1"] == 0 and dense_reference(h)["cdnv"] == 0
+    got = collapse_metrics(h)
+    assert {m for m in METRICS if got[m] is None} == set(WITHIN_CLASS) == {"nc1", "cdnv"}
+    assert collapse_metrics(np.repeat(h, 2, axis=1))["nc1"] == 0.0    # K = 2, all at the mean: defined, 0
 
 
 def test_features_at_their_means_give_zero_nc1_and_cdnv():

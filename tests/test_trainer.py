@@ -112,9 +112,9 @@ def test_evaluate_standard_settings(omniglot, tmp_path):
     assert [(r["way"], r["shot"]) for r in out["results"]] == [(5, 1), (5, 5), (20, 1), (20, 5)]
     for r in out["results"]:
         assert 0 <= r["acc"] <= 1 and r["acc_ci95"] >= 0 and r["episodes"] == 4
-        assert r["nc1_support"] >= 0
-    one_shot = out["results"][0]
-    assert one_shot["nc1_support"] == 0.0   # one support image per class: no within-class spread
+        assert r["nc1_query"] > 0
+        # one support image per class: no within-class spread to measure, so no number
+        assert (r["nc1_support"] is None and r["cdnv_support"] is None) == (r["shot"] == 1)
     with pytest.raises(sp.UserError, match="the number of episodes must be a positive integer, got 0"):
         trainer.evaluate(run / "best.npz", [(5, 5)], n=0, data=str(omniglot.root), progress=False)
 
@@ -192,3 +192,17 @@ def test_sweep_refuses_unequal_training_and_non_runs(tmp_path):
     (tmp_path / "a" / "config.json").unlink()
     with pytest.raises(sp.UserError, match="no config.json in"):
         sp.plots.sweep_table([tmp_path / "a"])
+
+
+def test_one_shot_run_records_the_within_class_support_metrics_as_undefined(omniglot, tmp_path):
+    lines = []
+    run = trainer.train(tiny(omniglot, epochs=2, train_shot=1, val_shot=1), out=tmp_path / "one", progress=False,
+                        log=lines.append)
+    raw = (run / "trace.jsonl").read_text()
+    assert '"nc1_support": null' in raw and '"cdnv_support": null' in raw
+    for record in trace_without_seconds(run):
+        for part in ("train", "val"):
+            assert record[part]["nc1_support"] is None and record[part]["cdnv_support"] is None
+            assert record[part]["nc1_query"] > 0 and record[part]["nc2_support"] > 0
+    assert any("nc1 n/a/" in line for line in lines)
+    assert (run / "nc_train.png").exists() and (run / "nc_val.png").exists()
