@@ -4,6 +4,8 @@
   python run.py --backbone convnet --device cpu          train with the paper's protocol
   python run.py --resume runs/convnet-20261126-130000    continue an interrupted run
   python run.py --eval RUN/best.npz --standard           test: 5/20-way x 1/5-shot, 1000 episodes
+  python run.py --eval RUN/best.npz --lake               Lake et al.'s one-shot benchmark, 20 runs
+  python run.py --train-split background --within-alphabet    train for that benchmark
   python run.py --plot RUN                               redraw the figures of a run
   python run.py --plot-sweep RUN_W16 RUN_W32 ...         nc1, nc2 against model size
 """
@@ -15,7 +17,7 @@ import signal
 import sys
 
 import scratchproto as sp
-from scratchproto import files, trainer
+from scratchproto import files, lake, trainer
 from scratchproto.backbones import BACKBONES
 from scratchproto.omniglot import MIRROR_ENV
 
@@ -53,9 +55,20 @@ def parser():
         t.add_argument(f"--{part}-shot", type=int, default=getattr(D, f"{part}_shot"), help=f"support images per class, {what} (default: %(default)s)")
         t.add_argument(f"--{part}-query", type=int, default=getattr(D, f"{part}_query"), help=f"query images per class, {what} (default: %(default)s)")
         t.add_argument(f"--{part}-episodes", type=int, default=getattr(D, f"{part}_episodes"), help=f"{what} episodes per epoch (default: %(default)s)")
-    t.add_argument("--trainval", action="store_true", help="train on train+val with no validation, as Snell et al. did for their reported "
-                   "numbers: take --epochs from a run on train and evaluate last.npz (best.npz "
-                   "then follows the training loss)")
+    t.add_argument("--train-split", choices=trainer.TRAIN_SPLITS, default=D.train_split,
+                   help="train: the Vinyals training classes, validation on its val classes; trainval: "
+                        "train+val with no validation (see --trainval); background: the 964 characters "
+                        "of images_background.zip only, as Lake et al.'s one-shot benchmark asks, with "
+                        "three of its alphabets held back for validation (default: %(default)s)")
+    t.add_argument("--trainval", action="store_true", help="the same as --train-split trainval: train on train+val "
+                   "with no validation, as Snell et al. did for their reported numbers: take --epochs "
+                   "from a run on train and evaluate last.npz (best.npz then follows the training loss)")
+    t.add_argument("--no-rotations", dest="rotations", action="store_false",
+                   help="with --train-split background: characters only at rot000, not the four "
+                        "rotations as classes of the Vinyals protocol")
+    t.add_argument("--within-alphabet", action="store_true",
+                   help="draw every training and validation episode's classes from one alphabet, as "
+                        "Lake et al.'s benchmark tests (default: classes from any alphabet)")
     t.add_argument("--seed", type=int, default=D.seed, help="seeds the weights and every episode (default: %(default)s)")
     t.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<backbone>-<timestamp>)")
 
@@ -66,7 +79,13 @@ def parser():
     e.add_argument("--query", type=int, default=15, help="query images per class (default: %(default)s)")
     e.add_argument("--episodes", type=int, default=1000, help="episodes per setting (default: %(default)s)")
     e.add_argument("--standard", action="store_true", help="the four standard settings: 5/20-way x 1/5-shot")
-    e.add_argument("--eval-out", metavar="JSON", help="where to write the results (default: eval.json beside the checkpoint)")
+    e.add_argument("--lake", action="store_true",
+                   help="Lake et al.'s one-shot benchmark instead of episodes: the 20 runs of 20-way "
+                        "within-alphabet one-shot classification, against people's 4.5%% error "
+                        "(all_runs.zip, downloaded into --data like the Omniglot files; default "
+                        "output eval_lake.json)")
+    e.add_argument("--eval-out", metavar="JSON", help="where to write the results (default: eval.json beside the "
+                                                     "checkpoint, eval_lake.json with --lake)")
 
     d = p.add_argument_group("data")
     d.add_argument("--data", default=D.data, help="Omniglot folder; files missing there are downloaded (default: %(default)s)")
@@ -95,10 +114,20 @@ def main(argv=None):
         for path in sp.plots.plot_run(args.plot):
             print(f"wrote {path}")
         return 0
+    if args.lake and (not args.eval or args.standard):
+        raise sp.UserError("--lake goes with --eval CKPT, and in place of --standard")
     if args.eval:
         settings = trainer.STANDARD if args.standard else [(args.way, args.shot)]
-        dest = pathlib.Path(args.eval_out or pathlib.Path(args.eval).with_name("eval.json"))
+        default = "eval_lake.json" if args.lake else "eval.json"
+        dest = pathlib.Path(args.eval_out or pathlib.Path(args.eval).with_name(default))
         files.check_writable(dest, "evaluation", "choose where to write it with --eval-out")  # now, not after it
+        if args.lake:
+            out = lake.evaluate(args.eval, device=args.device or D.device, data=args.data,
+                                mirror=args.mirror, progress=progress)
+            print("\n".join(lake.format_result(out)))
+            files.atomic_write(dest, json.dumps(out, indent=2) + "\n")
+            print(f"wrote {dest}")
+            return 0
         out = trainer.evaluate(args.eval, settings, split=args.split, query=args.query, n=args.episodes,
                                device=args.device or D.device, data=args.data, mirror=args.mirror,
                                progress=progress)
@@ -115,6 +144,10 @@ def main(argv=None):
         overrides = {k: getattr(args, k) for k in trainer.RESUME_OVERRIDES if getattr(args, k) is not None}
         trainer.train(resume=args.resume, overrides=overrides, progress=progress)
         return 0
+    if args.trainval:
+        if args.train_split not in ("train", "trainval"):
+            raise sp.UserError(f"--trainval and --train-split {args.train_split} contradict each other")
+        args.train_split = "trainval"
     fields = {f.name for f in dataclasses.fields(trainer.Config)}
     cfg = trainer.Config(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     trainer.train(cfg, out=args.out, progress=progress)

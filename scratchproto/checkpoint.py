@@ -56,3 +56,12 @@ def load(path):
         raise UserError(f"{path} is not a scratchproto checkpoint (format {found!r}, "
                         f"expected {FORMAT!r})")
     return meta, state, adam
+
+
+def load_backbone(path, xp):
+    """The backbone a checkpoint holds, on array module ``xp``: returns (meta, net)."""
+    from .backbones import build_backbone
+    meta, state, _ = load(path)
+    net = build_backbone(meta["backbone"], width=meta.get("width") or 64, xp=xp)
+    net.load_state_dict(state)
+    return meta, net

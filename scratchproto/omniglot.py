@@ -51,6 +51,11 @@ MIRROR_ENV = "SCRATCHPROTO_MIRROR"
 SIZE = 28
 ROTATIONS = (0, 90, 180, 270)
 DRAWERS = 20
+# Lake et al.'s one-shot benchmark trains on the background set only (lake.py). Its validation
+# classes are held back from it as whole alphabets, since the benchmark tests on new alphabets:
+# three unrelated scripts, every tenth alphabet in sorted order from the sixth, 105 of the 964
+# background characters (10.9%).
+BACKGROUND_VAL = ("Balinese", "Gujarati", "N_Ko")
 CACHE_FORMAT = 1
 CACHE_NAME = f"cache{SIZE}.npz"
 
@@ -65,11 +70,12 @@ class _Invalid(Exception):
 
 # -- download ------------------------------------------------------------------------------
 
-def source_url(relpath, mirror=None):
-    """Where ``relpath`` (e.g. 'splits/vinyals/train.txt') comes from: the mirror, else canonical."""
+def source_url(relpath, mirror=None, canonical=None):
+    """Where ``relpath`` (e.g. 'splits/vinyals/train.txt') comes from: the mirror, else its
+    canonical URL (``canonical``, or CANONICAL's)."""
     mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
     if mirror is None:
-        return CANONICAL[relpath]
+        return canonical or CANONICAL[relpath]
     if urllib.parse.urlparse(mirror).scheme in ("http", "https", "file"):
         return mirror.rstrip("/") + "/" + relpath
     return pathlib.Path(mirror, relpath).resolve().as_uri()     # a plain folder
@@ -112,10 +118,11 @@ def download(url, dest, progress=True):
 
 # -- verification and preprocessing ---------------------------------------------------------
 
-def preprocess(img):
-    """A 105x105 mode-'1' PIL image -> (4, 28, 28) bool, strokes True, one per rotation."""
-    out = np.empty((len(ROTATIONS), SIZE, SIZE), dtype=bool)
-    for r, angle in enumerate(ROTATIONS):
+def preprocess(img, rotations=ROTATIONS):
+    """A 105x105 mode-'1' PIL image -> (len(rotations), 28, 28) bool, strokes True, one per
+    rotation (counter-clockwise degrees)."""
+    out = np.empty((len(rotations), SIZE, SIZE), dtype=bool)
+    for r, angle in enumerate(rotations):
         # rotate() by a multiple of 90 degrees is an exact transpose; resize() of a 1-bit image
         # is nearest-neighbour. In the PNGs True is background, so invert.
         out[r] = ~np.asarray(img.rotate(angle).resize((SIZE, SIZE)), dtype=bool)
@@ -198,6 +205,10 @@ class Omniglot:
         self._splits = {name: self._fetch(f"splits/vinyals/{name}.txt", read_split, name)
                         for name in SPLITS}
         self._load_images()
+        background = self.characters[:ARCHIVE_COUNTS["images_background"][0]]    # archive order
+        for name, keep in (("background-train", False), ("background-val", True)):
+            self._splits[name] = [f"{c}/rot{a:03d}" for c in background
+                                  if (c.split("/")[0] in BACKGROUND_VAL) == keep for a in ROTATIONS]
         known = set(self._row)
         for name, lines in self._splits.items():
             unknown = [c for c in lines if c.rsplit("/", 1)[0] not in known
@@ -261,11 +272,14 @@ class Omniglot:
         self._row = {c: i for i, c in enumerate(chars)}
 
     # -- public API ------------------------------------------------------------------------
-    def classes(self, split):
-        """The classes of a split ('train', 'val', 'test', 'trainval'), 'Alphabet/characterNN/rotDDD'."""
+    def classes(self, split, rotations=True):
+        """The classes of a split, 'Alphabet/characterNN/rotDDD': the Vinyals split's 'train', 'val',
+        'test', 'trainval', or the background set's 'background-train', 'background-val' (all
+        characters of images_background.zip at four rotations, BACKGROUND_VAL's alphabets held
+        back for validation). ``rotations=False``: the unrotated characters only (rot000)."""
         if split not in self._splits:
-            raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-        return list(self._splits[split])
+            raise UserError(f"unknown split {split!r}; choose one of {', '.join(self._splits)}")
+        return [c for c in self._splits[split] if rotations or c.endswith("/rot000")]
 
     def class_index(self, name):
         """(character row, rotation index) of a class name."""

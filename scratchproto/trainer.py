@@ -52,9 +52,28 @@ class Config:
     val_query: int = 15
     val_episodes: int = 100
     seed: int = 1234
-    trainval: bool = False
+    train_split: str = "train"          # 'train', 'trainval' (no validation) or 'background'
+    rotations: bool = True              # rotated characters as classes (background only)
+    within_alphabet: bool = False       # every episode's classes from one alphabet
     data: str = "data/omniglot"
     mirror: str = None
+
+    @classmethod
+    def from_saved(cls, saved):
+        """The Config of a run's config.json, also of runs written before train_split existed."""
+        saved = dict(saved)
+        if "trainval" in saved:
+            saved["train_split"] = "trainval" if saved.pop("trainval") else "train"
+        return cls(**saved)
+
+    @property
+    def splits(self):
+        """(split of the training episodes, split of the validation episodes or None)."""
+        return {"train": ("train", "val"), "trainval": ("trainval", None),
+                "background": ("background-train", "background-val")}[self.train_split]
+
+
+TRAIN_SPLITS = ("train", "trainval", "background")
 
 
 class Diverged(UserError):
@@ -130,14 +149,30 @@ def check_numbers(values):
             check_episode(*shape, flags=flag(part))
 
 
+def check_choices(cfg):
+    """The settings that are not numbers: a training split that exists, rotations only where the
+    classes are generated (the Vinyals split files fix theirs)."""
+    if cfg.train_split not in TRAIN_SPLITS:
+        raise UserError(f"--train-split must be one of {', '.join(TRAIN_SPLITS)}, got {cfg.train_split!r}")
+    if not cfg.rotations and cfg.train_split != "background":
+        raise UserError("--no-rotations goes with --train-split background (the Vinyals split "
+                        "files list their rotated classes)")
+
+
+def _episodes(ds, cfg, part, epoch, xp=np):
+    """The training (part 'train') or validation ('val') episodes of an epoch, on ``xp``."""
+    split = cfg.splits[0 if part == "train" else 1]
+    way, shot, query, n = (getattr(cfg, f"{part}_{k}") for k in ("way", "shot", "query", "episodes"))
+    return episodes(ds, split, way, shot, query, n, seed=[cfg.seed, epoch, 0 if part == "train" else 1],
+                    device=xp, rotations=cfg.rotations, within_alphabet=cfg.within_alphabet,
+                    flags=f"--{part}-")
+
+
 def _check_config(cfg, ds):
     check_numbers(dataclasses.asdict(cfg))
-    train_split = "trainval" if cfg.trainval else "train"
-    check_episode(cfg.train_way, cfg.train_shot, cfg.train_query, len(ds.classes(train_split)),
-                  train_split, flags="--train-")
-    if not cfg.trainval:
-        check_episode(cfg.val_way, cfg.val_shot, cfg.val_query, len(ds.classes("val")), "val",
-                      flags="--val-")
+    check_choices(cfg)
+    for part in ("train", "val") if cfg.splits[1] else ("train",):
+        next(_episodes(ds, cfg, part, 0))      # the sampler checks the episode against the split
 
 
 def _read_trace(path, upto, log):
@@ -176,13 +211,14 @@ def train(cfg=None, out=None, resume=None, overrides=None, progress=True, log=pr
         with files.FolderLock(run_dir):
             saved = files.read_json(run_dir / "config.json", "run settings")
             try:
-                cfg = Config(**{**saved["config"], **(overrides or {})})
+                cfg = Config.from_saved({**saved["config"], **(overrides or {})})
             except (KeyError, TypeError):
                 raise UserError(f"{run_dir / 'config.json'} does not hold the settings of a run "
                                 f"written by this version of run.py") from None
             return _train(cfg, run_dir, True, progress, log)
     cfg = cfg or Config()
     check_numbers(dataclasses.asdict(cfg))
+    check_choices(cfg)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = pathlib.Path(out or f"runs/{cfg.backbone}-{stamp}")
     created = not run_dir.exists()
@@ -230,7 +266,7 @@ def _train(cfg, run_dir, resume, progress, log):
         "versions": _versions(xp), "parameters": net.num_parameters(),
         "started": datetime.datetime.now().isoformat(timespec="seconds")}, indent=2) + "\n")
 
-    train_split = "trainval" if cfg.trainval else "train"
+    validate = cfg.splits[1] is not None
     log(f"{cfg.backbone} ({net.num_parameters():,} parameters) on {backend.device_name(xp)}; "
         f"run folder {run_dir}")
     try:
@@ -240,30 +276,26 @@ def _train(cfg, run_dir, resume, progress, log):
             t0 = time.perf_counter()
             record = {"epoch": e, "lr": opt.lr}
             record["train"] = run_episodes(
-                model, episodes(ds, train_split, cfg.train_way, cfg.train_shot, cfg.train_query,
-                                cfg.train_episodes, seed=[cfg.seed, e, 0], device=xp),
-                cfg.train_episodes, True, opt, desc=f"epoch {e} train", progress=progress,
-                where=f"epoch {e} (training)")
-            if not cfg.trainval:
+                model, _episodes(ds, cfg, "train", e, xp), cfg.train_episodes, True, opt,
+                desc=f"epoch {e} train", progress=progress, where=f"epoch {e} (training)")
+            if validate:
                 record["val"] = run_episodes(
-                    model, episodes(ds, "val", cfg.val_way, cfg.val_shot, cfg.val_query,
-                                    cfg.val_episodes, seed=[cfg.seed, e, 1], device=xp),
-                    cfg.val_episodes, False, desc=f"epoch {e} val", progress=progress,
-                    where=f"epoch {e} (validation)")
+                    model, _episodes(ds, cfg, "val", e, xp), cfg.val_episodes, False,
+                    desc=f"epoch {e} val", progress=progress, where=f"epoch {e} (validation)")
             record["seconds"] = time.perf_counter() - t0
             # if a write fails, what was saved before stays intact and the run continues from it
             hint = (f"fix that, then continue with: python run.py --resume {run_dir} (last.npz "
                     f"holds epoch {epoch})" if epoch else "fix that and start the run again")
             files.append_line(trace_path, json.dumps(record), hint)
-            watched = record["val" if not cfg.trainval else "train"]["loss"]
+            watched = record["val" if validate else "train"]["loss"]
             if watched < best:
                 best, bad = watched, 0
                 checkpoint.save(run_dir / "best.npz", net, opt, hint, epoch=e, best_loss=best,
-                                bad_epochs=0, seed=cfg.seed)
+                                bad_epochs=0, seed=cfg.seed, train_split=cfg.train_split)
             else:
                 bad += 1
             checkpoint.save(run_dir / "last.npz", net, opt, hint, epoch=e, best_loss=best,
-                            bad_epochs=bad, seed=cfg.seed)
+                            bad_epochs=bad, seed=cfg.seed, train_split=cfg.train_split)
             epoch = e
             log(summary(record) + (" *" if bad == 0 else ""))
     except KeyboardInterrupt:
@@ -274,7 +306,7 @@ def _train(cfg, run_dir, resume, progress, log):
         raise Diverged(f"{e}; stopped. The last good checkpoint is {run_dir / 'last.npz'} "
                        f"(epoch {epoch})") from None
     reason = "patience exhausted" if bad >= cfg.patience else "epoch limit reached"
-    log(f"done after epoch {epoch} ({reason}); best {'val' if not cfg.trainval else 'train'} "
+    log(f"done after epoch {epoch} ({reason}); best {'val' if validate else 'train'} "
         f"loss {best:.4f}")
     plots.plot_run(run_dir)
     return run_dir
@@ -302,15 +334,14 @@ def evaluate(ckpt, settings, split="test", query=15, n=1000, seed=0, device="aut
     Returns {"checkpoint", "split", "results": [{way, shot, query, episodes, acc, acc_ci95, loss,
     <metric>_support, <metric>_query ...}]}; acc_ci95 is 1.96 * std / sqrt(n) over episodes.
     """
-    meta, state, _ = checkpoint.load(ckpt)
+    checkpoint.load(ckpt)     # a bad checkpoint is refused before the data are loaded
     ds = Omniglot(data, mirror, progress=progress)
     for way, shot in settings:
         check_episode(way, shot, query, len(ds.classes(split)), split)
     if int(n) != n or n < 1:
         raise UserError(f"the number of episodes must be a positive integer, got {n}")
-    xp = backend.get_xp(device)
-    net = build_backbone(meta["backbone"], width=meta.get("width") or 64, xp=xp)
-    net.load_state_dict(state)
+    meta, net = checkpoint.load_backbone(ckpt, backend.get_xp(device))
+    xp = net.xp
     model = ProtoNet(net)
     from tqdm import tqdm
     results = []

@@ -180,7 +180,8 @@ def test_unreachable_mirror_gives_a_clear_error(tmp_path):
 
 
 def test_unknown_split_and_class(omniglot):
-    with pytest.raises(sp.UserError, match="unknown split 'dev'; choose one of train, val, test, trainval"):
+    with pytest.raises(sp.UserError, match="unknown split .dev.; choose one of train, val, test, trainval, "
+                                          "background-train, background-val"):
         omniglot.classes("dev")
     with pytest.raises(sp.UserError, match="unknown Omniglot class 'Nope/character01/rot000'"):
         omniglot.images("Nope/character01/rot000")

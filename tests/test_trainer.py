@@ -100,7 +100,7 @@ def test_early_stopping_and_trainval(omniglot, tmp_path):
                         log=lambda *a: None)
     n = len(trace_without_seconds(run))
     assert n < 6                      # with a frozen model the val loss stops improving at once
-    run = trainer.train(tiny(omniglot, epochs=1, trainval=True), out=tmp_path / "tv", progress=False,
+    run = trainer.train(tiny(omniglot, epochs=1, train_split="trainval"), out=tmp_path / "tv", progress=False,
                         log=lambda *a: None)
     assert "val" not in trace_without_seconds(run)[0] and (run / "best.npz").exists() and not (run / "nc_val.png").exists()
 
