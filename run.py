@@ -33,6 +33,9 @@ def parser():
     mode.add_argument("--plot-sweep", metavar="RUN_DIR", nargs="+",
                       help="model-size sweep: final nc1 and nc2 of the runs against their parameter "
                            "count (nc_vs_parameters.png in their common folder) and a table of them")
+    mode.add_argument("--plot-lake", metavar="JSON", nargs="+",
+                      help="Lake's benchmark: the error per run of --lake evaluations (lake_errors.png in "
+                           "their common folder) and a table of them beside the published errors")
     mode.add_argument("--at-epoch", type=int, metavar="N",
                       help="with --plot-sweep: compare the runs at epoch N (for runs of unequal length)")
 
@@ -99,8 +102,8 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     progress = not args.no_progress
-    if sum(x is not None for x in (args.resume, args.eval, args.plot, args.plot_sweep)) > 1:
-        raise sp.UserError("choose one of --resume, --eval, --plot and --plot-sweep")
+    if sum(x is not None for x in (args.resume, args.eval, args.plot, args.plot_sweep, args.plot_lake)) > 1:
+        raise sp.UserError("choose one of --resume, --eval, --plot, --plot-sweep and --plot-lake")
     if args.at_epoch is not None and not args.plot_sweep:
         raise sp.UserError("--at-epoch N goes with --plot-sweep")
     # every number, before any work (a mistyped flag costs no download and no epoch)
@@ -109,6 +112,10 @@ def main(argv=None):
         path, rows = sp.plots.plot_sweep(args.plot_sweep, epoch=args.at_epoch)
         print(sp.plots.format_sweep(rows))
         print(f"wrote {path}")
+        return 0
+    if args.plot_lake:
+        print(sp.plots.lake_table(args.plot_lake))
+        print(f"wrote {sp.plots.plot_lake(args.plot_lake)}")
         return 0
     if args.plot:
         for path in sp.plots.plot_run(args.plot):

@@ -229,3 +229,56 @@ def plot_sweep(run_dirs, out_dir=None, epoch=None):
     out = out_dir / ("nc_vs_parameters.png" if epoch is None else f"nc_vs_parameters_epoch{epoch}.png")
     _save(fig, out)
     return out, rows
+
+
+def lake_table(paths):
+    """A Markdown table of --lake evaluations (eval_lake.json files), the errors published by Lake
+    et al. 2015 below."""
+    from .lake import PUBLISHED
+    lines = ["| model | epoch | error, 20 runs | error, runs of unseen characters |", "| --- | --- | --- | --- |"]
+    for path in paths:
+        r = files.read_json(path, "--lake evaluation")
+        unseen = r["mean_error_unseen"]
+        n = sum(not x["seen_in_training"] for x in r["runs"])
+        lines.append(f"| {pathlib.Path(path).stem} | {r['epoch']} | {100 * r['mean_error']:.2f}% | "
+                     + (f"{100 * unseen:.2f}% ({n} runs) |" if unseen is not None else "(none) |"))
+    lines += [f"| published: {name} | | {err:.1f}% | |" for name, err in PUBLISHED.items()]
+    return "\n".join(lines)
+
+
+def plot_lake(paths, out=None):
+    """lake_errors.png (in the evaluations' common folder, or ``out``): each model's error per run
+    of Lake's benchmark, runs of characters the model trained on shaded, people's and the other
+    published errors as lines. Returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .lake import PUBLISHED
+
+    results = [files.read_json(p, "--lake evaluation") for p in paths]
+    runs = [r["run"] for r in results[0]["runs"]]
+    fig, ax = plt.subplots(figsize=(14, 4.5))
+    width = 0.8 / len(results)
+    for i, (path, r) in enumerate(zip(paths, results)):
+        x = [j + (i - (len(results) - 1) / 2) * width for j in range(len(runs))]
+        ax.bar(x, [100 * row["error"] for row in r["runs"]], width,
+               label=f"{pathlib.Path(path).stem}: mean {100 * r['mean_error']:.2f}%")
+    seen = [j for j, row in enumerate(results[0]["runs"]) if any(r["runs"][j]["seen_in_training"] for r in results)]
+    for j in seen:
+        ax.axvspan(j - 0.45, j + 0.45, color="0.9", zorder=0)
+    styles = iter(["-", "--", ":", "-.", (0, (5, 1))])
+    for name, err in PUBLISHED.items():
+        if err < 20:
+            ax.axhline(err, color="0.3", linestyle=next(styles), linewidth=1, label=f"{name}: {err}%")
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels([r[3:] for r in runs])
+    ax.set_xlabel("run (shaded: characters some of the models trained on)")
+    ax.set_ylabel("error (%)")
+    ax.set_title("Lake et al.'s one-shot benchmark: 20-way within-alphabet one-shot classification")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    if out is None:
+        out = pathlib.Path(os.path.commonpath([str(pathlib.Path(p).parent) for p in paths])) / "lake_errors.png"
+    _save(fig, out)
+    return out

@@ -35,7 +35,7 @@ def test_help_lists_the_protocol_and_its_defaults():
     (["--eval", "missing.npz"], "error: no checkpoint at missing.npz"),
     (["--plot", "nowhere"], "error: no trace at nowhere/trace.jsonl"),
     (["--resume", "nowhere"], "error: nowhere is not a run folder to resume (it does not exist)"),
-    (["--eval", "x.npz", "--plot", "y"], "error: choose one of --resume, --eval, --plot and --plot-sweep"),
+    (["--eval", "x.npz", "--plot", "y"], "error: choose one of --resume, --eval, --plot, --plot-sweep and --plot-lake"),
     (["--plot-sweep", "nowhere"], "error: no trace at nowhere/trace.jsonl"),
     (["--plot", "y", "--at-epoch", "3"], "error: --at-epoch N goes with --plot-sweep"),
 ])
