@@ -1,0 +1,21 @@
+"""The lesson collector: every lesson is a test, and a failing block is reported at its line in
+the Markdown file."""
+import shutil
+import subprocess
+import sys
+
+from helpers import REPO
+
+
+def test_a_failing_lesson_block_is_reported_at_its_markdown_line(tmp_path):
+    shutil.copy(REPO / "lessons" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "00-demo.md").write_text(
+        "# Demo\n\nText.\n\n```python\nvalue = 41\n```\n\nMore text.\n\n```python\n"
+        "value += 1\nassert value == 43, 'the lesson is wrong'\n```\n")
+    (tmp_path / "01-fine.md").write_text("```python\nimport numpy as np\nassert np.pi > 3\n```\n")
+    (tmp_path / "notes.md").write_text("```python\nraise SystemExit('not a lesson: not run')\n```\n")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert "1 failed, 1 passed" in p.stdout, p.stdout
+    assert "00-demo.md:13: AssertionError" in p.stdout and "the lesson is wrong" in p.stdout, p.stdout
