@@ -50,7 +50,7 @@ def instrument(net, xp, totals):
             if id(layer) in seen or not isinstance(layer, leaf_kinds):
                 continue
             seen.add(id(layer))
-            methods = ["forward", "backward"] + (["conv", "conv_backward"] if isinstance(layer, layers.Conv2d) else [])
+            methods = ["forward", "backward"] + (["conv", "conv_backward"] if isinstance(layer, fast.FastConv2d) else [])
             for method in methods:
                 orig = getattr(layer, method)
                 kind = type(layer).__name__ + (" core" if method.startswith("conv") else "")

@@ -71,9 +71,15 @@ class ResNet18(Module):
 class Backbone:
     """An embedding network with PyTorch-named weights.
 
+    >>> import numpy as np
     >>> net = build_backbone("convnet", seed=0)
+    >>> x = np.zeros((2, 1, 28, 28), dtype=np.float32)
     >>> z = net.forward(x, train=True)      # x: (B, 1, 28, 28) -> z: (B, d) on the device
-    >>> net.zero_grad(); dx = net.backward(dz)
+    >>> z.shape
+    (2, 64)
+    >>> net.zero_grad(); dx = net.backward(np.ones_like(z))
+    >>> dx.shape
+    (2, 1, 28, 28)
 
     Images enter NCHW as PyTorch has them and are turned channels-last once here.
     """
@@ -93,9 +99,7 @@ class Backbone:
         return None if dx is None else dx.transpose(0, 3, 1, 2)
 
     def zero_grad(self):
-        for _, module in self.encoder.named_modules():
-            for g in module.grads.values():
-                g[...] = 0
+        self.encoder.zero_grad()
 
     # -- parameters by name ----------------------------------------------------------------
     def named_parameters(self):

@@ -89,7 +89,7 @@ def _library():
     def im2col(x, k, stride=1, padding=0):
         layer = conv_layer(np.zeros((1, x.shape[3], k, k)), np.zeros(1), stride, padding)
         layer.forward(x)
-        return layer.cache[0].copy()
+        return layer.cache.cols.copy()
 
     def batchnorm_backward(x, gamma, dout, eps=1e-5):
         bn = layers.BatchNorm2d(x.shape[-1], eps=eps, dtype=np.float64)

@@ -30,12 +30,35 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
 
 tests/test_fast.py checks them against the plain layers, in float64, to rounding.
 """
+from collections import namedtuple
+
 import numpy as np
 
-from .layers import BasicBlock, Conv2d, MaxPool2d, ReLU, Sequential
+from .layers import BasicBlock, Conv2d, MaxPool2d, ReLU, Sequential, col2im, output_size, windows
+
+# What the fast layers keep for their backward passes, by name.
+NarrowConvCache = namedtuple("NarrowConvCache", "cols x_shape")      # the whole (small) im2col matrix
+ChunkedConvCache = namedtuple("ChunkedConvCache", "x_shape xpad")     # the padded input: chunks are rebuilt
+ConvBlockCache = namedtuple("ConvBlockCache", "y pooled out sign mean inv_std m train gram")
+FastBasicBlockCache = namedtuple("FastBasicBlockCache", "h xhat1 inv_std1 out xhat2 inv_std2 train")
 
 
-class FastConv2d(Conv2d):
+class Workspace:
+    """A mixin: scratch arrays kept between calls, so that big temporaries (im2col matrices,
+    padded images) are not allocated, page-faulted and freed again on every episode."""
+
+    def workspace(self, name, shape, dtype, zero_border=0):
+        """The scratch array ``name`` of this shape and dtype, made on first use. Only for arrays
+        that do not outlive the layer's next call. ``zero_border``: the array is a padded image
+        whose border of that width must be zero (it is zeroed once, when made)."""
+        ws = self.__dict__.setdefault("_workspace", {})
+        a = ws.get(name)
+        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+            a = ws[name] = (self.xp.zeros if zero_border else self.xp.empty)(shape, dtype=dtype)
+        return a
+
+
+class FastConv2d(Workspace, Conv2d):
     """Conv2d whose im2col matrix never exists whole: it is built chunk by chunk of images, each
     chunk with one copy from a strided window view of the padded input, used for its GEMM and
     dropped; the backward pass rebuilds each chunk for dW, and gets dx as a correlation of dy
@@ -75,7 +98,7 @@ class FastConv2d(Conv2d):
         Returns (y (N, Ho, Wo, C_out), the padded x, which is a workspace named name)."""
         xp, k = self.xp, self.k
         n, h, w, c = x.shape
-        ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        ho, wo = output_size(h, k, stride, pad), output_size(w, k, stride, pad)
         xpad = self.workspace(name, (n, h + 2 * pad, w + 2 * pad, c), x.dtype, zero_border=pad)
         xpad[:, pad:pad + h, pad:pad + w] = x
         shape = (n * ho * wo, wmat.shape[1])
@@ -86,15 +109,29 @@ class FastConv2d(Conv2d):
                       out=y[n0 * ho * wo:n1 * ho * wo])
         return y.reshape(n, ho, wo, -1), xpad
 
+    def forward(self, x, train=True):
+        y = self.conv(x)
+        if "bias" in self.params:
+            y += self.params["bias"]
+        return y
+
+    def backward(self, dout, need_dx=True):
+        if "bias" in self.params:
+            self.grads["bias"] += dout.reshape(-1, self.c_out).sum(axis=0)
+        return self.conv_backward(dout, need_dx)
+
+    # The bias-free core, also used by the fused ConvNet block.
     def conv(self, x, out_scale=None, reuse=False):
-        """As Conv2d.conv; ``reuse``: the output may live in a buffer this layer's next call
-        overwrites (for a caller that is done with it by then, like ConvBlock)."""
+        """x (N, H, W, C_in) -> x * W (N, Ho, Wo, C_out), no bias. ``out_scale`` (C_out,)
+        multiplies the output channels (through the weights, for free); ``reuse``: the output may
+        live in a buffer this layer's next call overwrites (for a caller that is done with it by
+        then, like ConvBlock)."""
         wmat = self._wmat() if out_scale is None else self._wmat() * out_scale
         if self.k * self.k * x.shape[3] <= self.NARROW_K:
             # keep the whole (small) im2col matrix for the backward pass, as Conv2d does
             xp, k, s, p = self.xp, self.k, self.stride, self.padding
             n, h, w, c = x.shape
-            ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+            ho, wo = output_size(h, k, s, p), output_size(w, k, s, p)
             xpad = self.workspace("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, zero_border=p)
             xpad[:, p:p + h, p:p + w] = x
             cols = self.workspace("cols", (n * ho * wo, k * k * c), x.dtype)
@@ -102,17 +139,25 @@ class FastConv2d(Conv2d):
             shape = (n * ho * wo, self.c_out)
             y = self.workspace("y", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
             xp.matmul(cols, wmat, out=y)
-            self.cache = (cols, x.shape)
+            self.cache = NarrowConvCache(cols, x.shape)
             return y.reshape(n, ho, wo, self.c_out)
         y, xpad = self._correlate(x, wmat, self.padding, self.stride, "xpad", reuse)
-        self.cache = ("chunked", x.shape, xpad)
+        self.cache = ChunkedConvCache(x.shape, xpad)
         return y
 
     def conv_backward(self, dout, need_dx=True):
-        if not isinstance(self.cache[0], str):       # the narrow case kept whole im2col
-            return super().conv_backward(dout, need_dx)
+        """dL/dy (N, Ho, Wo, C_out) -> dL/dx; adds dL/dW into grads['weight']."""
         xp, k, s, p = self.xp, self.k, self.stride, self.padding
-        _, (n, h, w, c), xpad = self.cache
+        if isinstance(self.cache, NarrowConvCache):      # the whole im2col matrix was kept
+            cols, x_shape = self.cache
+            dy = dout.reshape(-1, self.c_out)
+            self.grads["weight"] += (cols.T @ dy).reshape(k, k, x_shape[3], self.c_out).transpose(3, 2, 0, 1)
+            if not need_dx:
+                return None
+            dcols = self.workspace("dcols", cols.shape, dout.dtype)
+            xp.matmul(dy, self._wmat().T, out=dcols)
+            return col2im(dcols, x_shape, k, s, p, xp)
+        (n, h, w, c), xpad = self.cache
         ho, wo = dout.shape[1:3]
         dy = dout.reshape(-1, self.c_out)
         dw = xp.zeros((k * k * c, self.c_out), dtype=dout.dtype)
@@ -134,12 +179,12 @@ class FastConv2d(Conv2d):
         for n0, n1 in self._chunks(n, ho, wo, c):
             dcols = dy[n0 * ho * wo:n1 * ho * wo] @ wmat.T
             dc = dcols.reshape(n1 - n0, ho, wo, k, k, c)
-            for i, j, win in self._windows(ho, wo):
+            for i, j, win in windows(k, s, ho, wo):
                 dxpad[(slice(n0, n1),) + win[1:]] += dc[:, :, :, i, j]      # col2im
         return xp.ascontiguousarray(dxpad[:, p:p + h, p:p + w]) if p else dxpad
 
 
-class ConvBlock(Sequential):
+class ConvBlock(Workspace, Sequential):
     """conv3x3 -> BatchNorm -> ReLU -> MaxPool2x2, fused (see the module docstring).
 
     Children keep the plain block's names (0 conv, 1 bn, 2 relu, 3 pool) and hold the
@@ -153,6 +198,7 @@ class ConvBlock(Sequential):
         self.conv, self.bn = conv, bn
 
     def _windows(self, y):
+        """The four 2x2-window positions of y (N, H, W, C) as strided views (N, H//2, W//2, C)."""
         n, h, w, c = y.shape
         ho, wo = h // 2, w // 2
         return [y[:, i:2 * ho:2, j:2 * wo:2] for i in range(2) for j in range(2)]
@@ -169,13 +215,12 @@ class ConvBlock(Sequential):
         y = self.conv.conv(x, out_scale=sign, reuse=True)   # no bias: BatchNorm's mean absorbs it
         m = y.size // bn.c
         b = self.conv.params.get("bias")
-        cols = self.conv.cache[0]
         gram = None
-        if train and not isinstance(cols, str) and cols.shape[1] <= self.GRAM_MAX_K:
+        if train and isinstance(self.conv.cache, NarrowConvCache) and self.conv.cache.cols.shape[1] <= self.GRAM_MAX_K:
             # Direct path for a narrow input (the 1-channel first block): y' = cols @ W', so the
             # batch statistics follow from the K x K Gram matrix of cols without a pass over y'
             # (mean = colsum @ W' / m, E[y'^2] = diag(W'^T G W') / m), in float64 to keep them exact
-            c64 = cols.astype(np.float64)
+            c64 = self.conv.cache.cols.astype(np.float64)
             colsum, g = c64.sum(axis=0), c64.T @ c64
             w64 = (self.conv._wmat() * sign).astype(np.float64)
             mean64 = colsum @ w64 / m
@@ -183,68 +228,64 @@ class ConvBlock(Sequential):
             mean, var = mean64.astype(y.dtype), var64.astype(y.dtype)
             gram = (colsum, g @ w64)
         elif train:
-            mean = bn._channel_sum(y) / m
+            mean = bn.channel_sum(y) / m
             yc = y - mean
-            var = bn._channel_sum(yc, yc) / m
+            var = bn.channel_sum(yc, yc) / m
             del yc
         if train:   # the running statistics are kept for conv(x) + bias, as in PyTorch
-            rb = bn.buffers
-            rb["running_mean"] *= 1 - bn.momentum
-            rb["running_mean"] += bn.momentum * (sign * mean + (b if b is not None else 0))
-            rb["running_var"] *= 1 - bn.momentum
-            rb["running_var"] += bn.momentum * var * (m / max(m - 1, 1))
-            rb["num_batches_tracked"] += 1
+            bn.update_running(sign * mean + (b if b is not None else 0), var, m)
         else:
             mean = sign * (bn.buffers["running_mean"] - (b if b is not None else 0))
             var = bn.buffers["running_var"]
         inv_std = 1.0 / xp.sqrt(var + bn.eps)
         scale = gamma * sign * inv_std              # = |gamma| / sigma >= 0
         views = self._windows(y)
-        sel = xp.maximum(views[0], views[1])
-        xp.maximum(sel, views[2], out=sel)
-        xp.maximum(sel, views[3], out=sel)
-        out = sel * scale
+        pooled = xp.maximum(views[0], views[1])
+        xp.maximum(pooled, views[2], out=pooled)
+        xp.maximum(pooled, views[3], out=pooled)
+        out = pooled * scale
         out += bn.params["bias"] - mean * scale
         xp.maximum(out, 0, out=out)
-        self.cache = (y, sel, out, sign, mean, inv_std, m, train, gram)
+        self.cache = ConvBlockCache(y, pooled, out, sign, mean, inv_std, m, train, gram)
         return out
 
     def backward(self, dout, need_dx=True):
         xp, bn = self.xp, self.bn
-        y, sel, out, sign, mean, inv_std, m, train, gram = self.cache
+        y, pooled, out, sign, mean, inv_std, m, train, gram = self.cache
         dz = dout * (out > 0)                               # through the ReLU, on the quarter
-        xhat_sel = (sel - mean) * (sign * inv_std)          # the normalised winners
-        dbeta = bn._channel_sum(dz)
-        dgamma = bn._channel_sum(dz, xhat_sel)
+        xhat_pooled = (pooled - mean) * (sign * inv_std)    # the normalised winners
+        dbeta = bn.channel_sum(dz)
+        dgamma = bn.channel_sum(dz, xhat_pooled)
         bn.grads["weight"] += dgamma
         bn.grads["bias"] += dbeta
-        # BatchNorm's backward, dy = a*dz_full + k1*xhat + k0 with dz_full zero off the winners
-        # and xhat = sign*(y' - mean)*inv_std: dy = B*y' + C everywhere, plus a*dz at the winners
+        # BatchNorm's backward is dy = a*dz_full + coef_xhat*xhat + coef_one, with dz_full zero
+        # off the winners and xhat = sign*(y' - mean)*inv_std. So dy = dy_per_y*y' + dy_const
+        # everywhere, plus a*dz at the winners.
         a = bn.params["weight"] * inv_std
-        k1 = -a * dgamma / m if train else xp.zeros_like(a)
-        k0 = -a * dbeta / m if train else xp.zeros_like(a)
-        big_b = k1 * sign * inv_std
-        big_c = k0 - big_b * mean
-        adz = dz
-        adz *= a
+        coef_xhat = -a * dgamma / m if train else xp.zeros_like(a)
+        coef_one = -a * dbeta / m if train else xp.zeros_like(a)
+        dy_per_y = coef_xhat * sign * inv_std
+        dy_const = coef_one - dy_per_y * mean
+        a_dz = dz
+        a_dz *= a
         if "bias" in self.conv.params:
-            # sum of dy over the batch: a*dbeta + B*sum(y') + C*m, which is a*dbeta + m*k0
-            self.conv.grads["bias"] += a * dbeta + m * k0
+            # sum of dy over the batch: a*dbeta + dy_per_y*sum(y') + dy_const*m = a*dbeta + m*coef_one
+            self.conv.grads["bias"] += a * dbeta + m * coef_one
         if gram is not None and not need_dx:
-            return self._narrow_weight_grad(adz, big_b, big_c, gram)
-        dy = y * big_b
-        dy += big_c
-        buf = self.workspace("winner", adz.shape, adz.dtype)
-        for hit, dv in zip(self._first_winners(y, sel), self._windows(dy)):
-            xp.multiply(adz, hit, out=buf)
+            return self._narrow_weight_grad(a_dz, dy_per_y, dy_const, gram)
+        dy = y * dy_per_y
+        dy += dy_const
+        buf = self.workspace("winner", a_dz.shape, a_dz.dtype)
+        for hit, dv in zip(self._first_winners(y, pooled), self._windows(dy)):
+            xp.multiply(a_dz, hit, out=buf)
             dv += buf
         return self.conv.conv_backward(dy, need_dx)
 
-    def _first_winners(self, y, sel):
-        """For each window position in order, where it holds the first element equal to sel."""
+    def _first_winners(self, y, pooled):
+        """For each window position in order, where it holds the first element equal to pooled."""
         taken = None
         for v in self._windows(y):
-            hit = v == sel
+            hit = v == pooled
             if taken is None:
                 taken = hit.copy()
             else:
@@ -252,24 +293,64 @@ class ConvBlock(Sequential):
                 taken |= hit
             yield hit
 
-    def _narrow_weight_grad(self, adz, big_b, big_c, gram):
-        """dL/dW without the full-size dy = B*y' + C + (a*dz at the winners):
-        cols^T dy = B * (G W') + C * colsum + sum over window positions q of cols_q^T (a*dz)_q."""
+    def _narrow_weight_grad(self, a_dz, dy_per_y, dy_const, gram):
+        """dL/dW without the full-size dy = dy_per_y*y' + dy_const + (a*dz at the winners):
+        cols^T dy = dy_per_y * (G W') + dy_const * colsum + sum over window positions q of
+        cols_q^T (a*dz)_q."""
         xp, conv = self.xp, self.conv
         cols, (n, h, w, c) = conv.cache
         colsum, gw = gram
         kk = cols.shape[1]
         ho, wo = h // 2, w // 2
         cols4 = cols.reshape(n, h, w, kk)
-        y, sel = self.cache[0], self.cache[1]
-        dw = (gw * big_b + colsum[:, None] * big_c).astype(cols.dtype)     # (K, C_out)
-        buf = self.workspace("winner", adz.shape, adz.dtype)
-        windows = [cols4[:, i:2 * ho:2, j:2 * wo:2] for i in range(2) for j in range(2)]
-        for hit, cq in zip(self._first_winners(y, sel), windows):
-            xp.multiply(adz, hit, out=buf)
+        dw = (gw * dy_per_y + colsum[:, None] * dy_const).astype(cols.dtype)     # (K, C_out)
+        buf = self.workspace("winner", a_dz.shape, a_dz.dtype)
+        positions = [cols4[:, i:2 * ho:2, j:2 * wo:2] for i in range(2) for j in range(2)]
+        for hit, cq in zip(self._first_winners(self.cache.y, self.cache.pooled), positions):
+            xp.multiply(a_dz, hit, out=buf)
             dw += xp.ascontiguousarray(cq).reshape(-1, kk).T @ buf.reshape(-1, buf.shape[-1])
         conv.grads["weight"] += dw.reshape(conv.k, conv.k, c, conv.c_out).transpose(3, 2, 0, 1)
         return None
+
+
+def normalise_in_place(bn, y, train):
+    """BatchNorm2d.forward's normalisation, overwriting y with xhat (for a caller that owns y, the
+    convolution's fresh output). Returns (xhat, inv_std)."""
+    xp = bn.xp
+    m = y.size // bn.c
+    if train:
+        mean = bn.channel_sum(y) / m
+        xp.subtract(y, mean, out=y)
+        var = bn.channel_sum(y, y) / m
+        bn.update_running(mean, var, m)
+    else:
+        var = bn.buffers["running_var"]
+        xp.subtract(y, bn.buffers["running_mean"], out=y)
+    inv_std = 1.0 / xp.sqrt(var + bn.eps)
+    y *= inv_std
+    return y, inv_std
+
+
+def batchnorm_input_grad(bn, dout, xhat, inv_std, train, in_place=False):
+    """BatchNorm2d.backward for the given cache values; accumulates dgamma, dbeta. ``in_place``:
+    dout becomes dx (for a caller that owns dout)."""
+    dbeta = bn.channel_sum(dout)
+    dgamma = bn.channel_sum(dout, xhat)
+    bn.grads["weight"] += dgamma
+    bn.grads["bias"] += dbeta
+    a = bn.params["weight"] * inv_std
+    if not train:
+        return bn.xp.multiply(dout, a, out=dout if in_place else None)
+    m = dout.size // bn.c
+    if in_place:
+        dx = dout
+        dx *= a
+        dx += xhat * (-a * dgamma / m)
+    else:
+        dx = xhat * (-a * dgamma / m)
+        dx += dout * a
+    dx -= a * dbeta / m
+    return dx
 
 
 class FastBasicBlock(BasicBlock):
@@ -277,11 +358,11 @@ class FastBasicBlock(BasicBlock):
     docstring. Same children, names and parameters. x: (N, H, W, C_in) -> (N, H', W', C_out)."""
 
     def __init__(self, c_in, c_out, stride, rng, xp=np, dtype=np.float32):
-        super().__init__(c_in, c_out, stride, rng, xp=xp, dtype=dtype, fast=True)
+        super().__init__(c_in, c_out, stride, rng, xp=xp, dtype=dtype, conv=FastConv2d)
 
     def _bn_relu(self, bn, y, train, residual=None):
         """relu(bn(y) [+ residual]), normalising y in place (the convolution's fresh output)."""
-        xhat, inv_std = bn.normalise(y, train, out=y)
+        xhat, inv_std = normalise_in_place(bn, y, train)
         out = xhat * bn.params["weight"]
         out += bn.params["bias"]
         if residual is not None:
@@ -293,15 +374,15 @@ class FastBasicBlock(BasicBlock):
         h, xhat1, inv1 = self._bn_relu(self.bn1, self.conv1.forward(x, train), train)
         out, xhat2, inv2 = self._bn_relu(self.bn2, self.conv2.forward(h, train), train,
                                          residual=self.shortcut.forward(x, train))
-        self.cache = (h, xhat1, inv1, out, xhat2, inv2, train)
+        self.cache = FastBasicBlockCache(h, xhat1, inv1, out, xhat2, inv2, train)
         return out
 
     def backward(self, dout, need_dx=True):
         h, xhat1, inv1, out, xhat2, inv2, train = self.cache
         d = dout * (out > 0)              # through the last ReLU; the sum sends d to both branches
-        dh = self.conv2.backward(self.bn2.input_grad(d, xhat2, inv2, train))   # d is still needed
+        dh = self.conv2.backward(batchnorm_input_grad(self.bn2, d, xhat2, inv2, train))   # d is still needed
         dh *= h > 0                       # dh is the convolution's fresh output: ours to overwrite
-        dx = self.conv1.backward(self.bn1.input_grad(dh, xhat1, inv1, train, inplace=True), need_dx)
+        dx = self.conv1.backward(batchnorm_input_grad(self.bn1, dh, xhat1, inv1, train, in_place=True), need_dx)
         d_short = self.shortcut.backward(d, need_dx)
         if not need_dx:
             return None

@@ -183,7 +183,9 @@ class FolderLock:
     in any way, SIGKILL included, so it is never left behind. Where flock does not exist (Windows)
     the lock is a no-op.
 
-    >>> with FolderLock(run_dir): ...
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as run_dir, FolderLock(run_dir):
+    ...     pass                                   # train here; another FolderLock(run_dir) fails
     """
 
     def __init__(self, folder):

@@ -59,8 +59,7 @@ def check_layer(layer, x, train=True, seed=0):
         return (layer.forward(x, train) * r).sum()
 
     layer.forward(x, train)
-    for g in layer.grads.values():
-        g[...] = 0
+    layer.zero_grad()
     dx = layer.backward(r)
     analytic = {"x": dx, **{k: g.copy() for k, g in layer.grads.items()}}
     arrays = {"x": x, **layer.params}

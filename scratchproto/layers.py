@@ -16,8 +16,20 @@ run of memory and a convolution is one well-shaped GEMM. Weights keep PyTorch's 
 
 All math goes through ``self.xp`` (NumPy or CuPy, see backend.py); dtype is float32 for training
 and float64 for the gradient checks, the same code either way.
+
+This file is the readable reference, with no performance hooks; the lessons teach from it.
+fast.py holds faster arrangements of the same math (chunked im2col, fused blocks, reused
+buffers), and tests/test_fast.py holds each of them against these layers in float64.
 """
+from collections import namedtuple
+
 import numpy as np
+
+
+# What a layer's forward pass keeps for its backward pass, by name.
+ConvCache = namedtuple("ConvCache", "cols x_shape")               # cols: (N*Ho*Wo, k*k*C_in)
+BatchNormCache = namedtuple("BatchNormCache", "xhat inv_std train")
+PoolCache = namedtuple("PoolCache", "winner x_shape")             # winner: window index, uint8
 
 
 class Module:
@@ -37,21 +49,16 @@ class Module:
         self.params[name] = self.xp.asarray(value, dtype=self.dtype)
         self.grads[name] = self.xp.zeros_like(self.params[name])
 
-    def workspace(self, name, shape, dtype, zero_border=0):
-        """A scratch array kept between calls, so that big temporaries (im2col matrices, padded
-        images) are not allocated, page-faulted and freed again on every episode. Only for
-        arrays that do not outlive the layer's next call. ``zero_border``: the array is a padded
-        image whose border of that width must be zero (it is zeroed once, when made)."""
-        ws = self.__dict__.setdefault("_workspace", {})
-        a = ws.get(name)
-        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
-            a = ws[name] = (self.xp.zeros if zero_border else self.xp.empty)(shape, dtype=dtype)
-        return a
-
     def named_modules(self, prefix=""):
         yield prefix, self
         for name, child in self.children:
             yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def zero_grad(self):
+        """Clear the gradients of this module and of every module inside it."""
+        for _, module in self.named_modules():
+            for g in module.grads.values():
+                g[...] = 0
 
     def forward(self, x, train=True):
         raise NotImplementedError
@@ -65,6 +72,45 @@ def _uniform(rng, bound, shape):
     return rng.uniform(-bound, bound, size=shape)
 
 
+def output_size(size, k, stride, padding):
+    """The output height (or width) of a k x k window sliding over ``size`` pixels."""
+    return (size + 2 * padding - k) // stride + 1
+
+
+def windows(k, stride, ho, wo):
+    """Yield (i, j, index): for kernel offset (i, j), the slice of the padded input
+    (N, H + 2p, W + 2p, C) that holds that offset's entry of every patch, (N, Ho, Wo, C)."""
+    for i in range(k):
+        for j in range(k):
+            yield i, j, (slice(None), slice(i, i + stride * ho, stride), slice(j, j + stride * wo, stride))
+
+
+def im2col(x, k, stride, padding, xp=np):
+    """Every k x k patch of x (N, H, W, C), zero-padded, as a row: (N*Ho*Wo, k*k*C), each row in
+    (kernel row, kernel column, channel) order. One strided copy per kernel offset."""
+    n, h, w, c = x.shape
+    ho, wo = output_size(h, k, stride, padding), output_size(w, k, stride, padding)
+    p = padding
+    xpad = xp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
+    cols = xp.empty((n, ho, wo, k, k, c), dtype=x.dtype)
+    for i, j, win in windows(k, stride, ho, wo):
+        cols[:, :, :, i, j] = xpad[win]
+    return cols.reshape(n * ho * wo, k * k * c)
+
+
+def col2im(dcols, x_shape, k, stride, padding, xp=np):
+    """The adjoint of im2col: each row of dcols (N*Ho*Wo, k*k*C) added back into the patch it
+    came from (overlapping patches add up); returns (N, H, W, C), the padding cut off."""
+    n, h, w, c = x_shape
+    ho, wo = output_size(h, k, stride, padding), output_size(w, k, stride, padding)
+    p = padding
+    dxpad = xp.zeros((n, h + 2 * p, w + 2 * p, c), dtype=dcols.dtype)
+    d6 = dcols.reshape(n, ho, wo, k, k, c)
+    for i, j, win in windows(k, stride, ho, wo):
+        dxpad[win] += d6[:, :, :, i, j]
+    return xp.ascontiguousarray(dxpad[:, p:p + h, p:p + w]) if p else dxpad
+
+
 class Conv2d(Module):
     """2-D convolution, k x k kernel, stride, zero padding, optional bias, as im2col + one GEMM.
 
@@ -72,8 +118,9 @@ class Conv2d(Module):
 
     im2col gathers every k x k x C_in patch into a row of ``cols`` (N*Ho*Wo, k*k*C_in) with one
     strided copy per kernel offset (k*k copies, never a loop over images or pixels), so that
-    ``y = cols @ W`` and, in the backward pass, ``dW = cols.T @ dy`` and ``dcols = dy @ W.T``.
-    Initialisation is PyTorch's default: weight and bias uniform in +-1/sqrt(fan_in).
+    ``y = cols @ W`` and, in the backward pass, ``dW = cols.T @ dy`` and ``dcols = dy @ W.T``,
+    whose rows col2im adds back into their patches. Initialisation is PyTorch's default: weight
+    and bias uniform in +-1/sqrt(fan_in).
     """
 
     def __init__(self, c_in, c_out, k, stride=1, padding=0, bias=True, rng=None, xp=np,
@@ -90,65 +137,26 @@ class Conv2d(Module):
         # (out, in, kh, kw) -> (kh*kw*in, out): the row order of an im2col patch
         return self.params["weight"].transpose(2, 3, 1, 0).reshape(-1, self.c_out)
 
-    def _windows(self, ho, wo):
-        """Yield (i, j, slice of the padded input that kernel offset (i, j) sees)."""
-        s = self.stride
-        for i in range(self.k):
-            for j in range(self.k):
-                yield i, j, (slice(None), slice(i, i + s * ho, s), slice(j, j + s * wo, s))
-
     def forward(self, x, train=True):
-        y = self.conv(x)
+        n, h, w, _ = x.shape
+        ho, wo = output_size(h, self.k, self.stride, self.padding), output_size(w, self.k, self.stride, self.padding)
+        cols = im2col(x, self.k, self.stride, self.padding, self.xp)
+        self.cache = ConvCache(cols, x.shape)
+        y = cols @ self._wmat()
         if "bias" in self.params:
             y += self.params["bias"]
-        return y
-
-    def backward(self, dout, need_dx=True):
-        if "bias" in self.params:
-            self.grads["bias"] += dout.reshape(-1, self.c_out).sum(axis=0)
-        return self.conv_backward(dout, need_dx)
-
-    # The bias-free core, also used by the fused ConvNet block (fast.py).
-    def conv(self, x, out_scale=None, reuse=False):
-        """x (N, H, W, C_in) -> x * W (N, Ho, Wo, C_out), no bias; caches the im2col matrix.
-        ``out_scale`` (C_out,) multiplies the output channels (through the weights, for free);
-        ``reuse``: the output may live in a buffer that this layer's next call overwrites."""
-        xp, k, s, p = self.xp, self.k, self.stride, self.padding
-        n, h, w, c = x.shape
-        ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-        if p:
-            xpad = self.workspace("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, zero_border=p)
-            xpad[:, p:p + h, p:p + w] = x
-        else:
-            xpad = x
-        cols = self.workspace("cols", (n, ho, wo, k, k, c), x.dtype)
-        for i, j, win in self._windows(ho, wo):
-            cols[:, :, :, i, j] = xpad[win]
-        cols = cols.reshape(n * ho * wo, k * k * c)
-        self.cache = (cols, x.shape)
-        wmat = self._wmat() if out_scale is None else self._wmat() * out_scale
-        shape = (n * ho * wo, self.c_out)
-        y = self.workspace("y", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
-        xp.matmul(cols, wmat, out=y)
         return y.reshape(n, ho, wo, self.c_out)
 
-    def conv_backward(self, dout, need_dx=True):
-        """dL/dy (N, Ho, Wo, C_out) -> dL/dx; adds dL/dW into grads['weight']."""
-        xp, k, p = self.xp, self.k, self.padding
-        cols, (n, h, w, c) = self.cache
-        ho, wo = dout.shape[1:3]
+    def backward(self, dout, need_dx=True):
+        cols, x_shape = self.cache
         dy = dout.reshape(-1, self.c_out)
-        dw = (cols.T @ dy).reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1)
-        self.grads["weight"] += dw
+        if "bias" in self.params:
+            self.grads["bias"] += dy.sum(axis=0)
+        k, c = self.k, x_shape[3]
+        self.grads["weight"] += (cols.T @ dy).reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1)
         if not need_dx:
             return None
-        dcols = self.workspace("dcols", (n * ho * wo, k * k * c), dout.dtype)
-        xp.matmul(dy, self._wmat().T, out=dcols)
-        dcols = dcols.reshape(n, ho, wo, k, k, c)
-        dxpad = xp.zeros((n, h + 2 * p, w + 2 * p, c), dtype=dout.dtype)
-        for i, j, win in self._windows(ho, wo):
-            dxpad[win] += dcols[:, :, :, i, j]   # col2im: overlapping patches add up
-        return xp.ascontiguousarray(dxpad[:, p:p + h, p:p + w]) if p else dxpad
+        return col2im(dy @ self._wmat().T, x_shape, k, self.stride, self.padding, self.xp)
 
 
 class BatchNorm2d(Module):
@@ -169,7 +177,7 @@ class BatchNorm2d(Module):
         self.buffers["running_var"] = xp.ones(c, dtype=dtype)
         self.buffers["num_batches_tracked"] = xp.zeros((), dtype=np.int64)
 
-    def _channel_sum(self, a, b=None):
+    def channel_sum(self, a, b=None):
         """Sum over (N, H, W) per channel of a, or of a * b. a, b: (N, H, W, C) or (N, C).
 
         Summed image by image in a's dtype, then across images in float64: a plain float32
@@ -181,62 +189,44 @@ class BatchNorm2d(Module):
                 else self.xp.einsum("nij,nij->nj", a3, b.reshape(a3.shape)))
         return part.sum(axis=0, dtype=np.float64).astype(a.dtype)
 
-    def normalise(self, x, train=True, out=None):
-        """xhat = (x - mean) / sqrt(var + eps), with the batch statistics when training (which
-        also updates the running ones) or the running statistics. Returns (xhat, inv_std (C,)).
-        ``out=x`` overwrites x, for a fused caller that owns it (fast.FastBasicBlock)."""
-        xp = self.xp
-        m = x.size // self.c
-        if train:
-            mean = self._channel_sum(x) / m
-            xhat = xp.subtract(x, mean, out=out)
-            var = self._channel_sum(xhat, xhat) / m      # biased: it normalises the batch
-            inv_std = 1.0 / xp.sqrt(var + self.eps)
-            b = self.buffers
-            mom = self.momentum
-            b["running_mean"] *= 1 - mom
-            b["running_mean"] += mom * mean
-            b["running_var"] *= 1 - mom
-            b["running_var"] += mom * var * (m / max(m - 1, 1))   # unbiased, as PyTorch keeps it
-            b["num_batches_tracked"] += 1
-        else:
-            inv_std = 1.0 / xp.sqrt(self.buffers["running_var"] + self.eps)
-            xhat = xp.subtract(x, self.buffers["running_mean"], out=out)
-        xhat *= inv_std
-        return xhat, inv_std
+    def update_running(self, mean, var, m):
+        """Move the running statistics towards a batch's mean and biased variance (over m values),
+        keeping the unbiased variance, as PyTorch does."""
+        b, mom = self.buffers, self.momentum
+        b["running_mean"] *= 1 - mom
+        b["running_mean"] += mom * mean
+        b["running_var"] *= 1 - mom
+        b["running_var"] += mom * var * (m / max(m - 1, 1))
+        b["num_batches_tracked"] += 1
 
     def forward(self, x, train=True):
-        xhat, inv_std = self.normalise(x, train)
-        y = xhat * self.params["weight"]
-        y += self.params["bias"]
-        self.cache = (xhat, inv_std, train)
-        return y
+        m = x.size // self.c
+        if train:
+            mean = self.channel_sum(x) / m
+            xc = x - mean
+            var = self.channel_sum(xc, xc) / m      # biased: it normalises the batch
+            self.update_running(mean, var, m)
+        else:
+            var = self.buffers["running_var"]
+            xc = x - self.buffers["running_mean"]
+        inv_std = 1.0 / self.xp.sqrt(var + self.eps)
+        xhat = xc * inv_std
+        self.cache = BatchNormCache(xhat, inv_std, train)
+        return xhat * self.params["weight"] + self.params["bias"]
 
     def backward(self, dout, need_dx=True):
-        return self.input_grad(dout, *self.cache)
-
-    def input_grad(self, dout, xhat, inv_std, train, inplace=False):
-        """Accumulate dgamma, dbeta; return dL/dx for dout = dL/dy. ``inplace``: dout becomes
-        dx (for a fused caller that owns dout)."""
-        dbeta = self._channel_sum(dout)
-        dgamma = self._channel_sum(dout, xhat)
+        xhat, inv_std, train = self.cache
+        dbeta = self.channel_sum(dout)
+        dgamma = self.channel_sum(dout, xhat)
         self.grads["weight"] += dgamma
         self.grads["bias"] += dbeta
         a = self.params["weight"] * inv_std
         if not train:  # the statistics are constants
-            return self.xp.multiply(dout, a, out=dout if inplace else None)
+            return dout * a
         # The batch statistics depend on x too; differentiating through them gives
-        # dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)), a = gamma / sigma.
+        # dx = a * (dy - mean(dy) - xhat * mean(dy * xhat)), a = gamma / sigma (lesson 3).
         m = dout.size // self.c
-        if inplace:
-            dx = dout
-            dx *= a
-            dx += xhat * (-a * dgamma / m)
-        else:
-            dx = xhat * (-a * dgamma / m)
-            dx += dout * a
-        dx -= a * dbeta / m
-        return dx
+        return a * (dout - dbeta / m - xhat * (dgamma / m))
 
 
 class ReLU(Module):
@@ -282,7 +272,7 @@ class MaxPool2d(Module):
         arg = xp.zeros(out.shape, dtype=np.uint8)
         for idx in range(len(views) - 1, -1, -1):
             arg[views[idx] == out] = idx
-        self.cache = (arg, x.shape)
+        self.cache = PoolCache(arg, x.shape)
         return out
 
     def backward(self, dout, need_dx=True):
@@ -360,13 +350,11 @@ class BasicBlock(Module):
     or the width changes. Convolutions have no bias (BatchNorm follows each). x: (N, H, W, C_in).
     """
 
-    def __init__(self, c_in, c_out, stride, rng, xp=np, dtype=np.float32, fast=False):
+    def __init__(self, c_in, c_out, stride, rng, xp=np, dtype=np.float32, conv=Conv2d):
+        """``conv``: the convolution class (fast.FastBasicBlock passes fast.FastConv2d)."""
         super().__init__(xp, dtype)
         kw = dict(xp=xp, dtype=dtype)
-        if fast:   # the chunked im2col of fast.py: same math, less memory traffic
-            from .fast import FastConv2d as Conv
-        else:
-            Conv = Conv2d
+        Conv = conv
         self.conv1 = Conv(c_in, c_out, 3, stride, 1, bias=False, rng=rng, **kw)
         self.bn1 = BatchNorm2d(c_out, **kw)
         self.relu1 = ReLU(**kw)

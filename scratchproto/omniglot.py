@@ -193,9 +193,11 @@ def _cache_meta(paths):
 class Omniglot:
     """Omniglot on disk, verified, preprocessed and cached.
 
-    >>> ds = Omniglot(root="data/omniglot", mirror=None)   # downloads / verifies / caches
-    >>> ds.classes("train")                      # ['Alphabet/characterNN/rotDDD', ...]
-    >>> ds.images("Angelic/character01/rot090")  # (20, 1, 28, 28) float32, strokes 1.0
+    Usage (the README's example, which tests/test_readme.py runs)::
+
+        ds = Omniglot(root="data/omniglot", mirror=None)   # downloads / verifies / caches
+        ds.classes("train")                      # ['Alphabet/characterNN/rotDDD', ...]
+        ds.images("Angelic/character01/rot090")  # (20, 1, 28, 28) float32, strokes 1.0
     """
 
     def __init__(self, root="data/omniglot", mirror=None, progress=True):

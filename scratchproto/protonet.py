@@ -55,9 +55,15 @@ def protonet_loss(z, way, shot, query, need_grad=True):
 class ProtoNet:
     """A backbone used as a Prototypical Network.
 
-    >>> model = ProtoNet(net)
-    >>> res = model.episode(xs, xq, train=True)   # xs (N, Ks, 1, 28, 28), xq (N, Kq, 1, 28, 28)
-    >>> res["loss"], res["acc"], res["nc1_support"], res["embeddings"]
+    >>> import numpy as np
+    >>> from scratchproto import build_backbone
+    >>> model = ProtoNet(build_backbone("convnet", seed=0, width=8))
+    >>> rng = np.random.default_rng(0)
+    >>> xs = (rng.random((5, 2, 1, 28, 28)) < 0.1).astype(np.float32)    # (N, Ks, 1, 28, 28)
+    >>> xq = (rng.random((5, 3, 1, 28, 28)) < 0.1).astype(np.float32)    # (N, Kq, 1, 28, 28)
+    >>> res = model.episode(xs, xq, train=True)
+    >>> res["embeddings"].shape, 0 <= res["acc"] <= 1, res["loss"] > 0, res["nc1_support"] > 0
+    ((25, 8), True, True, True)
 
     Support and query go through the backbone as one batch, as in the reference, so BatchNorm
     normalises them together in training mode.

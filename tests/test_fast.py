@@ -20,14 +20,8 @@ def _grads(module):
     return {f"{n}.{k}": backend.to_host(g).copy() for n, m in module.named_modules() for k, g in m.grads.items()}
 
 
-def _zero(module):
-    for _, m in module.named_modules():
-        for g in m.grads.values():
-            g[...] = 0
-
-
 def _compare(plain, quick, x, train, tol=1e-10):
-    _zero(plain); _zero(quick)
+    plain.zero_grad(); quick.zero_grad()
     host = backend.to_host     # compared on the host: NumPy's asserts refuse CuPy arrays
     y1, y2 = host(plain.forward(x, train)), host(quick.forward(x, train))
     r = plain.xp.asarray(np.random.default_rng(9).standard_normal(y1.shape))
@@ -62,7 +56,7 @@ def _compare_with_running_stats(plain, quick, x, train):
 def _check_input_gradient(block, x, train, seed):
     """block's dx against finite differences of sum(block(x) * r), r random (float64)."""
     r = np.random.default_rng(seed).standard_normal(block.forward(x, train).shape)
-    _zero(block)
+    block.zero_grad()
     block.forward(x, train)
     dx = block.backward(r)
     num = gradcheck.numerical_gradient(lambda: (block.forward(x, train) * r).sum(), x)
@@ -79,7 +73,7 @@ def test_fast_conv_matches_plain(xp, k, stride, padding, h, w):
     _copy_params(plain, quick)
     x = xp.asarray(rng.standard_normal((5, h, w, 40)))
     _compare(plain, quick, x, True)
-    assert quick.cache[0] == "chunked" and len(quick._chunks(5, *quick.forward(x).shape[1:3], 40)) > 1
+    assert isinstance(quick.cache, fast.ChunkedConvCache) and len(quick._chunks(5, *quick.forward(x).shape[1:3], 40)) > 1
 
 
 def test_fast_conv_gradients_and_narrow_fallback():
@@ -88,13 +82,13 @@ def test_fast_conv_gradients_and_narrow_fallback():
     conv.CHUNK_FLOATS = 500
     errors = gradcheck.check_layer(conv, rng.standard_normal((3, 5, 6, 4)))
     assert max(errors.values()) < 1e-6, errors
-    assert conv.cache[0] == "chunked"
+    assert isinstance(conv.cache, fast.ChunkedConvCache)
     narrow = fast.FastConv2d(1, 8, 3, 1, 1, rng=rng, dtype=F64)
     narrow.forward(rng.standard_normal((2, 28, 28, 1)))  # one input channel: whole im2col, kept
-    assert not isinstance(narrow.cache[0], str)
+    assert isinstance(narrow.cache, fast.NarrowConvCache)
 
 
-def _blocks(xp, c_in, seed, conv_cls=L.Conv2d, c_out=5):
+def _blocks(xp, c_in, seed, conv_cls=fast.FastConv2d, c_out=5):
     rng = np.random.default_rng(seed)
     kw = dict(xp=xp, dtype=F64)
     plain = L.Sequential(L.Conv2d(c_in, c_out, 3, 1, 1, rng=rng, **kw), L.BatchNorm2d(c_out, **kw),
@@ -124,7 +118,7 @@ def test_conv_block_with_fast_conv_and_ties():
     quick.conv.CHUNK_FLOATS = 3000
     x = (np.random.default_rng(5).random((4, 12, 12, 8)) > 0.8).astype(F64)
     _compare(plain, quick, x, True)
-    assert quick.conv.cache[0] == "chunked"
+    assert isinstance(quick.conv.cache, fast.ChunkedConvCache)
 
 
 def test_conv_block_gradients():
@@ -141,10 +135,10 @@ def test_narrow_block_weight_gradient_without_dy():
     its weight gradient comes from the Gram matrix and the winners, without the full-size dy."""
     plain, quick = _blocks(np, 1, 10)
     x = (np.random.default_rng(11).random((3, 10, 10, 1)) > 0.7).astype(F64)   # binary: ties
-    _zero(plain); _zero(quick)
+    plain.zero_grad(); quick.zero_grad()
     y1 = plain.forward(x, True)
     quick.forward(x, True)
-    assert quick.cache[-1] is not None                   # the Gram path was taken
+    assert quick.cache.gram is not None                   # the Gram path was taken
     r = np.random.default_rng(12).standard_normal(y1.shape)
     plain.backward(r)
     assert quick.backward(r, need_dx=False) is None
