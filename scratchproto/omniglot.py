@@ -193,7 +193,7 @@ def _cache_meta(paths):
 class Omniglot:
     """Omniglot on disk, verified, preprocessed and cached.
 
-    Usage (the README's example, which tests/test_readme.py runs)::
+    Usage (the example of docs/engine.md, which tests/test_readme.py runs)::
 
         ds = Omniglot(root="data/omniglot", mirror=None)   # downloads / verifies / caches
         ds.classes("train")                      # ['Alphabet/characterNN/rotDDD', ...]
