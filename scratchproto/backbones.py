@@ -86,6 +86,28 @@ class Backbone:
 
     def __init__(self, name, encoder, xp, dtype, width=None):
         self.name, self.encoder, self.xp, self.dtype, self.width = name, encoder, xp, dtype, width
+        self._flatten()
+
+    def _flatten(self):
+        """Move every parameter into one flat array, and every gradient into another, leaving
+        each layer's params and grads as views into them. The layers see no difference; an
+        optimiser step and zero_grad become a few operations on two whole arrays instead of a few
+        per parameter (on a GPU each operation is a kernel launch: 62 parameters in ResNet-18)."""
+        xp = self.xp
+        owners = [(f"{mname}.{k}", m, k) for mname, m in self.encoder.named_modules("encoder") for k in m.params]
+        total = sum(m.params[k].size for _, m, k in owners)
+        self.flat_params = xp.empty(total, dtype=self.dtype)
+        self.flat_grads = xp.zeros(total, dtype=self.dtype)
+        self.flat_slices = []           # [(name, slice of the flat arrays, shape)], in named_parameters order
+        offset = 0
+        for name, m, k in owners:
+            p = m.params[k]
+            part = slice(offset, offset + p.size)
+            self.flat_params[part] = p.reshape(-1)
+            m.params[k] = self.flat_params[part].reshape(p.shape)
+            m.grads[k] = self.flat_grads[part].reshape(p.shape)
+            self.flat_slices.append((name, part, p.shape))
+            offset += p.size
 
     # -- computation -----------------------------------------------------------------------
     def forward(self, x, train=True):
@@ -99,7 +121,7 @@ class Backbone:
         return None if dx is None else dx.transpose(0, 3, 1, 2)
 
     def zero_grad(self):
-        self.encoder.zero_grad()
+        self.flat_grads[...] = 0         # every layer's grads are views of it
 
     # -- parameters by name ----------------------------------------------------------------
     def named_parameters(self):

@@ -11,7 +11,11 @@ class Adam:
         m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
         p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-    Works on a backbone's parameters in place; ``lr`` may be changed between steps.
+    Works on a backbone's parameters in place; ``lr`` may be changed between steps. A backbone
+    whose parameters live in one flat array (``flat_params``, ``flat_grads``: backbones.py) gets
+    its step as one update of whole arrays, the moments flat too; anything else that has
+    ``named_parameters`` is stepped parameter by parameter. The arithmetic is the same, element
+    by element, so the two give the same numbers to the last bit (tests/test_backbones.py).
     """
 
     def __init__(self, net, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -20,24 +24,37 @@ class Adam:
         self.net, self.lr, self.betas, self.eps, self.weight_decay = net, lr, betas, eps, weight_decay
         xp = net.xp
         self.t = 0
-        self.m = {name: xp.zeros_like(p) for name, p, _ in net.named_parameters()}
-        self.v = {name: xp.zeros_like(p) for name, p, _ in net.named_parameters()}
+        self.flat = getattr(net, "flat_params", None) is not None
+        if self.flat:
+            self.m_flat, self.v_flat = xp.zeros_like(net.flat_params), xp.zeros_like(net.flat_params)
+            # per-parameter views, for the checkpoint's names
+            self.m = {name: self.m_flat[part].reshape(shape) for name, part, shape in net.flat_slices}
+            self.v = {name: self.v_flat[part].reshape(shape) for name, part, shape in net.flat_slices}
+        else:
+            self.m = {name: xp.zeros_like(p) for name, p, _ in net.named_parameters()}
+            self.v = {name: xp.zeros_like(p) for name, p, _ in net.named_parameters()}
 
     def step(self):
-        xp = self.net.xp
         b1, b2 = self.betas
         self.t += 1
         step_size = self.lr / (1 - b1 ** self.t)
         sqrt_bc2 = np.sqrt(1 - b2 ** self.t)
-        for name, p, g in self.net.named_parameters():
-            if self.weight_decay:
-                g = g + self.weight_decay * p
-            m, v = self.m[name], self.v[name]
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            p -= step_size * m / (xp.sqrt(v) / sqrt_bc2 + self.eps)
+        if self.flat:
+            self._update(self.net.flat_params, self.net.flat_grads, self.m_flat, self.v_flat, step_size, sqrt_bc2)
+        else:
+            for name, p, g in self.net.named_parameters():
+                self._update(p, g, self.m[name], self.v[name], step_size, sqrt_bc2)
+
+    def _update(self, p, g, m, v, step_size, sqrt_bc2):
+        """The update of the class docstring, in place on p, m and v."""
+        b1, b2 = self.betas
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * g * g
+        p -= step_size * m / (self.net.xp.sqrt(v) / sqrt_bc2 + self.eps)
 
     def state_dict(self):
         """Host arrays and numbers: enough to continue exactly where it stopped."""

@@ -180,3 +180,37 @@ def test_adam_state_round_trip():
     assert all(np.array_equal(opt.m[k], opt2.m[k]) for k in opt.m)
     with pytest.raises(ValueError, match="optimiser state lacks"):
         opt2.load_state_dict({"t": 1, "lr": 0.1})
+
+
+def test_flat_parameters_are_the_layers_own_and_adam_is_the_same_either_way():
+    """Parameters and gradients live in two flat arrays whose views the layers hold; Adam's
+    whole-array step gives the per-parameter step's numbers to the last bit."""
+    net = sp.build_backbone("resnet18", seed=3)
+    for _, m in net.encoder.named_modules():
+        for k in m.params:
+            assert np.shares_memory(m.params[k], net.flat_params) and np.shares_memory(m.grads[k], net.flat_grads)
+    assert net.flat_params.size == net.num_parameters() == 11168832
+
+    class PerParameter:          # the same parameters, seen one by one: Adam's other path
+        xp = np
+
+        def __init__(self, named):
+            self.named = named
+
+        def named_parameters(self):
+            return self.named
+
+    small = sp.build_backbone("convnet", width=4, seed=1)
+    twin = [(n, p.copy(), g) for n, p, g in small.named_parameters()]
+    flat_opt, loop_opt = sp.Adam(small, lr=0.01, weight_decay=1e-3), sp.Adam(PerParameter(twin), lr=0.01, weight_decay=1e-3)
+    assert flat_opt.flat and not loop_opt.flat
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        small.flat_grads[...] = rng.standard_normal(small.flat_grads.shape).astype(np.float32)
+        flat_opt.step()
+        loop_opt.step()
+    for (name, p, _), (_, q, _) in zip(small.named_parameters(), twin):
+        assert np.array_equal(p, q), name
+        assert np.array_equal(flat_opt.m[name], loop_opt.m[name]) and np.array_equal(flat_opt.v[name], loop_opt.v[name])
+    small.zero_grad()
+    assert not small.flat_grads.any() and not any(g.any() for _, _, g in small.named_parameters())
