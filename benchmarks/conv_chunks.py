@@ -50,7 +50,7 @@ def main():
             cells = []
             for n, h, c in SHAPES:
                 conv = FastConv2d(c, c, 3, 1, 1, bias=False, rng=rng, xp=xp)
-                conv.CHUNK_FLOATS = 1 << lg
+                conv.CHUNK_FLOATS = conv.GPU_CHUNK_FLOATS = 1 << lg
                 x = xp.asarray(rng.standard_normal((n, h, h, c)).astype(np.float32))
                 dy = xp.ones_like(conv.conv(x))
                 fwd = median_ms(lambda: conv.conv(x), xp)

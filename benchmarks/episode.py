@@ -77,14 +77,15 @@ def main():
     p.add_argument("--episodes", type=int, default=10, help="timed episodes after 2 warm-up ones")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
     p.add_argument("--log2-chunk", type=int, metavar="N",
-                   help="im2col chunks of 2**N floats (FastConv2d.CHUNK_FLOATS; default: fast.py's)")
+                   help="im2col chunks of 2**N floats (FastConv2d.CHUNK_FLOATS and GPU_CHUNK_FLOATS; "
+                        "default: fast.py's, 2**21 on a CPU, 2**26 on a GPU)")
     p.add_argument("--data", help="an Omniglot folder (see run.py --data): also time drawing real "
                                   "episodes (the sampler and the copy to the device)")
     a = p.parse_args()
 
     xp = backend.get_xp(a.device)
     if a.log2_chunk is not None:
-        sp.fast.FastConv2d.CHUNK_FLOATS = 1 << a.log2_chunk
+        sp.fast.FastConv2d.CHUNK_FLOATS = sp.fast.FastConv2d.GPU_CHUNK_FLOATS = 1 << a.log2_chunk
     net = sp.build_backbone(a.backbone, seed=0, xp=xp, width=a.width)
     model, opt = sp.ProtoNet(net), sp.Adam(net, lr=1e-3)
     xs, xq = fake_episode(xp, a.way, a.shot, a.query)

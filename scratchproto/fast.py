@@ -57,6 +57,20 @@ class Workspace:
             a = ws[name] = (self.xp.zeros if zero_border else self.xp.empty)(shape, dtype=dtype)
         return a
 
+    _shared = {}   # (array module, dtype) -> one flat scratch array that every layer shares
+
+    def shared_workspace(self, shape, dtype):
+        """A scratch array of this shape, carved from one buffer shared by all layers (grown when
+        too small): for temporaries used and dropped within one call, like an im2col chunk. One
+        buffer for the network instead of one per layer matters on a GPU, where a chunk is up to
+        256 MB."""
+        size = int(np.prod(shape))
+        key = (self.xp.__name__, np.dtype(dtype).str)
+        buf = Workspace._shared.get(key)
+        if buf is None or buf.size < size:
+            buf = Workspace._shared[key] = self.xp.empty(size, dtype=dtype)
+        return buf[:size].reshape(shape)
+
 
 class FastConv2d(Workspace, Conv2d):
     """Conv2d whose im2col matrix never exists whole: it is built chunk by chunk of images, each
@@ -68,10 +82,13 @@ class FastConv2d(Workspace, Conv2d):
     layer: 9) the whole matrix is small too, and it is kept for the backward pass as Conv2d does.
     """
 
-    # About 8 MB of im2col rows per chunk: each GEMM is still large (Python's overhead per call
-    # is negligible) and runs as fast as with 32 MB chunks (benchmarks/conv_chunks.py), while the
-    # buffers stay small (ResNet-18's 20-way episode peaks ~200 MB lower than with 32 MB chunks).
+    # On a CPU, about 8 MB of im2col rows per chunk: each GEMM is still large (Python's overhead
+    # per call is negligible) and runs as fast as with 32 MB chunks (benchmarks/conv_chunks.py),
+    # while the buffers stay small (ResNet-18's 20-way episode peaks ~200 MB lower than with 32 MB
+    # chunks). On a GPU every chunk costs kernel launches and small GEMMs leave most of the chip
+    # idle, so chunks are 32 times larger (a whole layer of a 60-way episode in one or two).
     CHUNK_FLOATS = 1 << 21
+    GPU_CHUNK_FLOATS = 1 << 26
     NARROW_K = 32                 # k*k*C_in up to this: plain im2col
 
     def _window_view(self, xpad, n0, n1, ho, wo, st):
@@ -83,13 +100,14 @@ class FastConv2d(Workspace, Conv2d):
 
     def _chunks(self, n, ho, wo, c):
         per_image = ho * wo * self.k * self.k * c
-        step = max(1, self.CHUNK_FLOATS // per_image)
+        limit = self.CHUNK_FLOATS if self.xp is np else self.GPU_CHUNK_FLOATS
+        step = max(1, limit // per_image)
         return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
 
     def _cols(self, xpad, n0, n1, ho, wo, stride, step):
         """im2col rows of padded images n0..n1, in a buffer reused by every chunk of ``step`` images."""
         kkc = self.k * self.k * xpad.shape[3]
-        cols = self.workspace("cols_chunk", (step * ho * wo, kkc), xpad.dtype)[:(n1 - n0) * ho * wo]
+        cols = self.shared_workspace((step * ho * wo, kkc), xpad.dtype)[:(n1 - n0) * ho * wo]
         cols.reshape(n1 - n0, ho, wo, self.k, self.k, -1)[...] = self._window_view(xpad, n0, n1, ho, wo, stride)
         return cols
 

@@ -69,7 +69,7 @@ def test_fast_conv_matches_plain(xp, k, stride, padding, h, w):
     rng = np.random.default_rng(0)
     plain = L.Conv2d(40, 3, k, stride, padding, rng=rng, xp=xp, dtype=F64)
     quick = fast.FastConv2d(40, 3, k, stride, padding, rng=rng, xp=xp, dtype=F64)
-    quick.CHUNK_FLOATS = 500                  # several chunks even for this tiny batch
+    quick.CHUNK_FLOATS = quick.GPU_CHUNK_FLOATS = 500     # several chunks even for this tiny batch
     _copy_params(plain, quick)
     x = xp.asarray(rng.standard_normal((5, h, w, 40)))
     _compare(plain, quick, x, True)
@@ -79,7 +79,7 @@ def test_fast_conv_matches_plain(xp, k, stride, padding, h, w):
 def test_fast_conv_gradients_and_narrow_fallback():
     rng = np.random.default_rng(1)
     conv = fast.FastConv2d(4, 2, 3, 2, 1, rng=rng, dtype=F64)
-    conv.CHUNK_FLOATS = 500
+    conv.CHUNK_FLOATS = conv.GPU_CHUNK_FLOATS = 500
     errors = gradcheck.check_layer(conv, rng.standard_normal((3, 5, 6, 4)))
     assert max(errors.values()) < 1e-6, errors
     assert isinstance(conv.cache, fast.ChunkedConvCache)
@@ -115,7 +115,7 @@ def test_conv_block_matches_plain_sequence(xp, train, c_in, h):
 def test_conv_block_with_fast_conv_and_ties():
     """Binary images give exactly equal conv outputs over flat regions: first-winner ties."""
     plain, quick = _blocks(np, 8, 4, conv_cls=fast.FastConv2d)
-    quick.conv.CHUNK_FLOATS = 3000
+    quick.conv.CHUNK_FLOATS = quick.conv.GPU_CHUNK_FLOATS = 3000
     x = (np.random.default_rng(5).random((4, 12, 12, 8)) > 0.8).astype(F64)
     _compare(plain, quick, x, True)
     assert isinstance(quick.conv.cache, fast.ChunkedConvCache)
@@ -171,3 +171,17 @@ def test_fast_basic_block_gradients():
     x = rng.standard_normal((2, 5, 5, 3))
     for train in (True, False):
         _check_input_gradient(blk, x, train, seed=16)
+
+
+def test_one_im2col_scratch_buffer_for_all_layers():
+    """The im2col chunks of every FastConv2d come from one shared buffer, not one per layer."""
+    rng = np.random.default_rng(2)
+    a = fast.FastConv2d(8, 4, 3, 1, 1, rng=rng, dtype=F64)
+    b = fast.FastConv2d(8, 6, 3, 2, 1, rng=rng, dtype=F64)
+    for conv in (a, b):
+        conv.CHUNK_FLOATS = 2000
+        conv.forward(rng.standard_normal((4, 6, 6, 8)))
+    chunk_a = a.shared_workspace((10, 3), F64)
+    chunk_b = b.shared_workspace((5, 2), F64)
+    assert np.shares_memory(chunk_a, chunk_b)
+    assert "cols_chunk" not in a.__dict__.get("_workspace", {})
