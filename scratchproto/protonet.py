@@ -76,8 +76,9 @@ class ProtoNet:
         """Forward one episode, and when ``train`` also backward (gradients land in the backbone).
 
         BatchNorm runs in training mode when ``train`` and in evaluation mode otherwise. Returns
-        loss, acc, embeddings (host array, support rows first, class-major, then query) and every
-        collapse metric for the support and the query features ('nc1_support', 'nc1_query', ...).
+        loss, acc, embeddings (on the device; support rows first, class-major, then query) and every
+        collapse metric for the support and the query features ('nc1_support', 'nc1_query', ...),
+        computed on the device too.
         """
         xp = self.net.xp
         way, shot, query = xs.shape[0], xs.shape[1], xq.shape[1]
@@ -90,12 +91,12 @@ class ProtoNet:
         if train and np.isfinite(loss):
             self.net.zero_grad()
             self.net.backward(dz, need_dx=False)
-        emb = backend.to_host(z)
-        res = {"loss": loss, "acc": acc, "embeddings": emb}
-        if np.isfinite(emb).all():
-            for part, h in (("support", emb[:way * shot].reshape(way, shot, -1)),
-                            ("query", emb[way * shot:].reshape(way, query, -1))):
-                for name, value in collapse_metrics(h).items():
+        res = {"loss": loss, "acc": acc, "embeddings": z}
+        # a finite loss means finite embeddings (an inf or nan one would reach some query's loss)
+        if np.isfinite(loss):
+            for part, h in (("support", z[:way * shot].reshape(way, shot, -1)),
+                            ("query", z[way * shot:].reshape(way, query, -1))):
+                for name, value in collapse_metrics(h).items():   # on the device
                     res[f"{name}_{part}"] = value
         else:
             res.update({f"{m}_{part}": float("nan") for m in METRICS for part in ("support", "query")})
