@@ -26,7 +26,8 @@ def test_help_lists_the_protocol_and_its_defaults():
     p = run("--help")
     assert p.returncode == 0
     for text in ("--train-way", "(default: 60)", "--patience", "(default: 200)", "--lr-step", "--trainval",
-                 "--resume", "--eval", "--plot", "--plot-sweep", "--standard", "--mirror", "SCRATCHPROTO_MIRROR"):
+                 "--resume", "--eval", "--plot", "--plot-sweep", "--standard", "--mirror", "SCRATCHPROTO_MIRROR",
+                 "--train-split", "--no-rotations", "--within-alphabet", "--lake", "--plot-lake"):
         assert text in p.stdout, text
 
 
