@@ -12,6 +12,7 @@
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -44,6 +45,10 @@ def parser():
     m.add_argument("--width", type=int, default=D.width, help="ConvNet channels per block (default: %(default)s)")
     m.add_argument("--device", choices=sp.backend.DEVICES, default=None,
                    help="cpu (NumPy), gpu (CuPy; falls back to the CPU with a warning) or auto (default: auto)")
+    m.add_argument("--tf32", action="store_true",
+                   help=f"on a GPU, compute float32 matrix products on TF32 tensor cores (faster, 10-bit "
+                        f"mantissas in the products; PyTorch's default for convolutions); off: plain FP32. "
+                        f"Also ${sp.backend.TF32_ENV}=1"),
 
     t = p.add_argument_group("training protocol (defaults: the paper's, Section 4)")
     t.add_argument("--epochs", type=int, default=None, help=f"maximum number of epochs (default: {D.epochs})")
@@ -108,6 +113,8 @@ def main(argv=None):
         raise sp.UserError("--at-epoch N goes with --plot-sweep")
     # every number, before any work (a mistyped flag costs no download and no epoch)
     trainer.check_numbers(vars(args))
+    if args.tf32:
+        os.environ[sp.backend.TF32_ENV] = "1"     # every mode below picks its device through get_xp
     if args.plot_sweep:
         path, rows = sp.plots.plot_sweep(args.plot_sweep, epoch=args.at_epoch)
         print(sp.plots.format_sweep(rows))

@@ -9,6 +9,7 @@ warm-up; the figures are the medians over rounds of those per-process medians, a
 the per-round ratios (each round's two runs saw the same machine load; the machines are shared).
 """
 import argparse
+import os
 import pathlib
 import re
 import statistics
@@ -19,8 +20,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 REF = HERE.parents[1] / "shared" / "reference" / "torch_protonet.py"
 
 
-def run(cmd):
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+def run(cmd, env=None):
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return float(re.search(r"sec/episode=([0-9.]+)", out).group(1)), out.strip().splitlines()[0]
 
 
@@ -35,17 +36,22 @@ def main():
     p.add_argument("--query", type=int, default=5)
     p.add_argument("--episodes", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--tf32", action="store_true", help="scratchproto with TF32 tensor cores (episode.py --tf32)")
+    p.add_argument("--torch-fp32", action="store_true",
+                   help="PyTorch without TF32 (NVIDIA_TF32_OVERRIDE=0); its default uses TF32 in cuDNN")
     a = p.parse_args()
     shape = ["--backbone", a.backbone, "--way", str(a.way), "--shot", str(a.shot), "--query", str(a.query),
              "--episodes", str(a.episodes)]
     ours_cmd = [sys.executable, str(HERE / "episode.py"), *shape, "--device", a.device, "--no-layers"]
+    ours_cmd += ["--tf32"] if a.tf32 else []
+    ref_env = {**os.environ, "NVIDIA_TF32_OVERRIDE": "0"} if a.torch_fp32 else None
     ref_cmd = [a.torch_python, a.reference, "time", *shape, "--device", "cuda" if a.device == "gpu" else "cpu"]
     ours, ref = [], []
     for r in range(a.rounds):
         t, line = run(ours_cmd)
         ours.append(t)
         print(f"round {r + 1} {line}", flush=True)
-        t, line = run(ref_cmd)
+        t, line = run(ref_cmd, ref_env)
         ref.append(t)
         print(f"round {r + 1} {line}", flush=True)
     mo, mr = statistics.median(ours), statistics.median(ref)

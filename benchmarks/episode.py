@@ -76,6 +76,7 @@ def main():
     p.add_argument("--query", type=int, default=5)
     p.add_argument("--episodes", type=int, default=10, help="timed episodes after 2 warm-up ones")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
+    p.add_argument("--tf32", action="store_true", help="on a GPU, TF32 tensor cores for float32 products")
     p.add_argument("--log2-chunk", type=int, metavar="N",
                    help="im2col chunks of 2**N floats (FastConv2d.CHUNK_FLOATS and GPU_CHUNK_FLOATS; "
                         "default: fast.py's, 2**21 on a CPU, 2**26 on a GPU)")
@@ -83,7 +84,7 @@ def main():
                                   "episodes (the sampler and the copy to the device)")
     a = p.parse_args()
 
-    xp = backend.get_xp(a.device)
+    xp = backend.get_xp(a.device, a.tf32 or None)
     if a.log2_chunk is not None:
         sp.fast.FastConv2d.CHUNK_FLOATS = sp.fast.FastConv2d.GPU_CHUNK_FLOATS = 1 << a.log2_chunk
     net = sp.build_backbone(a.backbone, seed=0, xp=xp, width=a.width)
@@ -107,6 +108,8 @@ def main():
     label = f" width {a.width}" if a.backbone == "convnet" and a.width != 64 else ""
     if a.log2_chunk is not None:
         label += f" chunk 2**{a.log2_chunk}"
+    if a.tf32:
+        label += " tf32"
     print(f"scratchproto {a.backbone}{label} {backend.device_name(xp)} {a.way}w{a.shot}s{a.query}q "
           f"numpy {np.__version__} python {platform.python_version()}: "
           f"sec/episode={med:.4f} (min {min(times):.4f}, {len(times)} runs) images/s={n_img / med:.0f} {mem}")

@@ -45,19 +45,38 @@ def keep_freed_memory():
         return False
 
 
-def get_xp(device="cpu"):
+TF32_ENV = "SCRATCHPROTO_TF32"
+
+
+def tf32_requested(tf32=None):
+    """Whether float32 matrix products may use TF32 tensor cores: ``tf32``, else $SCRATCHPROTO_TF32."""
+    return bool(tf32) if tf32 is not None else os.environ.get(TF32_ENV) == "1"
+
+
+def get_xp(device="cpu", tf32=None):
     """The array module for ``device``: 'cpu' -> numpy, 'gpu' -> cupy, 'auto' -> cupy if usable.
 
     Asking for 'gpu' where CuPy or a GPU is missing warns on one line and falls back to NumPy.
     On NumPy it also calls keep_freed_memory() (see there).
+
+    ``tf32`` (default: $SCRATCHPROTO_TF32 == '1'): on CuPy, let cuBLAS compute float32 matrix
+    products on TF32 tensor cores (10-bit mantissas in the products, float32 sums), as PyTorch
+    does by default for convolutions; off by default, so that FP32 means FP32. CuPy reads its
+    setting at a process's first float32 product, so choose before computing anything. No effect
+    on NumPy (a warning says so).
     """
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     cupy, why = (None, None) if device == "cpu" else _cupy_or_reason()
     if cupy is not None:
+        # explicit either way: a CUPY_TF32 left in the environment must not change the precision
+        os.environ["CUPY_TF32"] = "1" if tf32_requested(tf32) else "0"
         return cupy
     if device == "gpu":
         print(f"warning: --device gpu asked for, but {why}; falling back to NumPy on the CPU",
+              file=sys.stderr)
+    if tf32_requested(tf32):
+        print("warning: --tf32 has no effect on the CPU: NumPy computes in plain float32",
               file=sys.stderr)
     keep_freed_memory()
     return np

@@ -52,6 +52,7 @@ class Config:
     val_query: int = 15
     val_episodes: int = 100
     seed: int = 1234
+    tf32: bool = False                  # on a GPU: TF32 tensor cores for float32 products
     train_split: str = "train"          # 'train', 'trainval' (no validation) or 'background'
     rotations: bool = True              # rotated characters as classes (background only)
     within_alphabet: bool = False       # every episode's classes from one alphabet
@@ -239,7 +240,7 @@ def _train(cfg, run_dir, resume, progress, log):
     """The training loop of ``train``, in a locked run folder."""
     ds = Omniglot(cfg.data, cfg.mirror, progress=progress)
     _check_config(cfg, ds)
-    xp = backend.get_xp(cfg.device)
+    xp = backend.get_xp(cfg.device, cfg.tf32 or None)
     net = build_backbone(cfg.backbone, seed=cfg.seed, width=cfg.width, xp=xp)
     opt = Adam(net, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model = ProtoNet(net)

@@ -111,3 +111,21 @@ def test_sigterm_interrupts_once_and_later_ones_are_ignored():
             pytest.fail("a second SIGTERM interrupted the shutdown of the first")
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_tf32_is_off_unless_asked_for_and_warns_on_the_cpu(monkeypatch, capsys):
+    from scratchproto import backend
+
+    class FakeCupy:        # stands in for CuPy: get_xp's choice of the math mode is what is tested
+        __name__ = "cupy"
+    monkeypatch.setattr(backend, "_cupy_or_reason", lambda: (FakeCupy, None))
+    monkeypatch.setenv("CUPY_TF32", "1")                  # left over in a user's environment
+    monkeypatch.delenv(backend.TF32_ENV, raising=False)
+    assert backend.get_xp("gpu") is FakeCupy and os.environ["CUPY_TF32"] == "0"
+    assert backend.get_xp("gpu", tf32=True) is FakeCupy and os.environ["CUPY_TF32"] == "1"
+    monkeypatch.setenv(backend.TF32_ENV, "1")
+    backend.get_xp("auto")
+    assert os.environ["CUPY_TF32"] == "1"
+    capsys.readouterr()
+    assert backend.get_xp("cpu") is np
+    assert capsys.readouterr().err.strip() == "warning: --tf32 has no effect on the CPU: NumPy computes in plain float32"
