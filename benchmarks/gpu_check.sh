@@ -1,33 +1,41 @@
 #!/usr/bin/env bash
-# One sitting on a GPU machine, in order of importance, inside a time budget:
-#   1. the CuPy variants of the tests;
-#   2. one instrumented episode of each backbone on the GPU (per-layer times; also the gate for 4);
-#   3. scratchproto (CuPy) against PyTorch (cuDNN), alternating, both backbones, 60-way 5-shot
-#      5-query, and PyTorch's peak GPU memory for the same episodes; im2col chunk sizes;
-#   4. with the time left: ResNet-18 trained with the paper's protocol on the GPU for up to
-#      $EPOCHS epochs (the width sweep's 10), then its 1000-episode test evaluation.
-# Needs CuPy and torch (with CUDA) in $PY, the Omniglot folder data/omniglot (archives, splits
-# and cache, as `python run.py` leaves it) and the PyTorch reference at $REF.
+# One sitting on a GPU machine (the GPU issue's plan), in order, inside a time budget:
+#   1. versions, and a TF32 self-check (CuPy's float32 product with TF32 off and on, against float64);
+#   2. the CuPy variants of the tests (FP32: TF32 stays off in them);
+#   3. each CUDA kernel against its NumPy twin (once scratchproto/kernels.py exists);
+#   4. scratchproto (CuPy) against PyTorch (cuDNN), alternating: ConvNet FP32 against PyTorch's
+#      default, ResNet-18 TF32 against PyTorch's default, ResNet-18 FP32 against PyTorch in FP32
+#      (NVIDIA_TF32_OVERRIDE=0); 60-way 5-shot 5-query; PyTorch's peak GPU memory;
+#   5. one short training epoch of the ConvNet in FP32 and in TF32 (finite, falling loss);
+#   6. with the time left and TRAIN_EPOCHS > 0: ResNet-18 with the paper's protocol (the ResNet issue).
+# The log ends with the RESULT lines the GPU issue asks for.
+# Needs CuPy and torch (with CUDA) in $PY, the Omniglot files in data/omniglot or a mirror in
+# $SCRATCHPROTO_MIRROR, and the PyTorch reference at $REF.
 #   OUT=gpu-out REF=../shared/reference/torch_protonet.py bash benchmarks/gpu_check.sh
-# The log goes to $OUT/gpu_check.log, the ResNet-18 run's trace, config, eval and log to
-# $OUT/resnet18-gpu/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT=${OUT:-gpu-out}
 REF=${REF:-../shared/reference/torch_protonet.py}
-BUDGET=${BUDGET:-540}              # seconds for the whole script
-EPOCHS=${EPOCHS:-10}
-RUN=runs/resnet18-gpu
+BUDGET=${BUDGET:-480}              # seconds for the whole script
+TRAIN_EPOCHS=${TRAIN_EPOCHS:-0}
 export PYTHONUNBUFFERED=1
-EVAL_RESERVE=${EVAL_RESERVE:-100}  # seconds kept for the test evaluation after training
-mkdir -p "$OUT/resnet18-gpu"
+mkdir -p "$OUT"
 start=$SECONDS
 left() { echo $((BUDGET - (SECONDS - start))); }
 step() { echo; echo "=== [$((SECONDS - start)) s] $*"; }
+compare() {   # compare.py with its arguments; prints its lines and keeps the summary in $OUT/last_compare
+  timeout 150 $PY benchmarks/compare.py --torch-python "$(command -v $PY)" --reference "$REF" \
+    --device gpu --way 60 --shot 5 --query 5 --episodes 10 --rounds 3 "$@" | tee "$OUT/last_compare"
+}
+result() {    # RESULT <backbone> <mode> scratchproto <s> <torch label> <s> ratio <r>, from the last compare
+  awk -v b="$1" -v m="$2" -v t="$3" '/median sec\/episode/ {
+    printf "RESULT %s %s scratchproto %s %s %s ratio %s\n", b, m, $4, t, $6, $8 }' "$OUT/last_compare" >> "$OUT/results"
+}
 
 main() {
-step "machine"
+: > "$OUT/results"
+step "machine and versions"
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import cupy, numpy, torch, sys; print('python', sys.version.split()[0], 'cupy', cupy.__version__, \
@@ -35,21 +43,35 @@ $PY -c "import cupy, numpy, torch, sys; print('python', sys.version.split()[0], 
 'cudnn', torch.backends.cudnn.version(), 'cudnn.allow_tf32', torch.backends.cudnn.allow_tf32, \
 'matmul.allow_tf32', torch.backends.cuda.matmul.allow_tf32)"
 
+step "TF32 self-check: relative error of a float32 product (1024 x 1024) against float64"
+for mode in 0 1; do
+  SCRATCHPROTO_TF32=$mode timeout 60 $PY -c "
+import numpy as np
+from scratchproto import backend
+cp = backend.get_xp('gpu')
+rng = np.random.default_rng(0)
+a, b = rng.standard_normal((1024, 1024)), rng.standard_normal((1024, 1024))
+exact = a @ b
+got = (cp.asarray(a, dtype=np.float32) @ cp.asarray(b, dtype=np.float32)).get()
+print('SCRATCHPROTO_TF32=$mode: max relative error', float(np.abs(got - exact).max() / np.abs(exact).max()))"
+done
+
 step "CuPy tests"
 timeout 180 $PY -m pytest -q -rfEs -p no:cacheprovider -k cupy tests/ --durations=8
 
-step "one instrumented episode per backbone (gate for the training)"
-gate=0
-timeout 120 $PY benchmarks/episode.py --backbone resnet18 --device gpu --way 60 --episodes 5 || gate=1
-timeout 60 $PY benchmarks/episode.py --backbone convnet --device gpu --way 60 --episodes 20 --data data/omniglot
+step "kernels against their NumPy twins"
+if [ -f scratchproto/kernels.py ]; then
+  timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py
+else
+  echo "no scratchproto/kernels.py yet"
+fi
 
-step "scratchproto vs PyTorch, alternating"
-timeout 120 $PY benchmarks/compare.py --torch-python "$(command -v $PY)" --reference "$REF" \
-  --backbone convnet --device gpu --way 60 --shot 5 --query 5 --episodes 10 --rounds 3
-timeout 150 $PY benchmarks/compare.py --torch-python "$(command -v $PY)" --reference "$REF" \
-  --backbone resnet18 --device gpu --way 60 --shot 5 --query 5 --episodes 10 --rounds 3
+step "scratchproto vs PyTorch, alternating, 60-way 5-shot 5-query"
+compare --backbone convnet; result convnet fp32 torch-default
+compare --backbone resnet18 --tf32; result resnet18 tf32 torch-default
+compare --backbone resnet18 --torch-fp32; result resnet18 fp32 torch-fp32
 
-step "PyTorch's peak GPU memory for the same episodes (the reference's time command prints none)"
+step "PyTorch's peak GPU memory for the same episodes (scratchproto's is in episode.py's lines above)"
 timeout 60 $PY - "$REF" <<'EOF'
 import argparse, importlib.util, sys
 import torch
@@ -63,27 +85,23 @@ for bb in ("convnet", "resnet18"):
           f"peak reserved {torch.cuda.max_memory_reserved() / 2**20:.0f} MiB")
 EOF
 
-step "im2col chunk size on the GPU (fast.py's 2**21 floats was chosen on the CPU)"
-timeout 90 $PY benchmarks/conv_chunks.py --device gpu --log2-chunks 21 24 27
-for lg in 21 27; do
-  timeout 60 $PY benchmarks/episode.py --backbone resnet18 --device gpu --way 60 --episodes 5 --no-layers --log2-chunk $lg
+step "one short ConvNet training epoch, FP32 and TF32 (20 training and 10 validation episodes)"
+for flag in "" "--tf32"; do
+  rm -rf "runs/gpu-epoch$flag"
+  timeout 90 $PY run.py --backbone convnet --device gpu --epochs 2 --train-episodes 20 --val-episodes 10 \
+    $flag --out "runs/gpu-epoch$flag" --no-progress
 done
 
-train_s=$(( $(left) - EVAL_RESERVE ))
-if [ $gate -ne 0 ] || [ $train_s -lt 60 ]; then
-  step "no training: gate $gate, $train_s s left for it"
-  return
+train_s=$(( $(left) - 10 ))
+if [ "$TRAIN_EPOCHS" -gt 0 ] && [ $train_s -gt 60 ]; then
+  step "ResNet-18, the paper's protocol: up to $TRAIN_EPOCHS epochs in $train_s s"
+  mkdir -p "$OUT/resnet18-paper"
+  timeout -s TERM $train_s $PY run.py --backbone resnet18 --device gpu --epochs "$TRAIN_EPOCHS" \
+    --out runs/resnet18-paper --no-progress 2>&1 | tee "$OUT/resnet18-paper/train.log"
+  cp runs/resnet18-paper/config.json runs/resnet18-paper/trace.jsonl "$OUT/resnet18-paper/"
 fi
-step "ResNet-18, the paper's protocol, on the GPU: up to $EPOCHS epochs in $train_s s"
-timeout -s TERM $train_s $PY run.py --backbone resnet18 --device gpu --epochs $EPOCHS --out $RUN \
-  --no-progress 2>&1 | tee "$OUT/resnet18-gpu/train.log"
-cp $RUN/config.json $RUN/trace.jsonl "$OUT/resnet18-gpu/"
-eval_s=$(( $(left) - 5 ))
-step "test evaluation of $RUN/best.npz in $eval_s s"
-timeout $eval_s $PY run.py --eval $RUN/best.npz --standard --device gpu --no-progress 2>&1 \
-  | tee "$OUT/resnet18-gpu/eval.log"
-cp $RUN/eval.json "$OUT/resnet18-gpu/"
 step "done"
+cat "$OUT/results"
 }
 
 main 2>&1 | tee "$OUT/gpu_check.log"
