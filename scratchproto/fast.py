@@ -34,6 +34,7 @@ from collections import namedtuple
 
 import numpy as np
 
+from . import kernels
 from .layers import BasicBlock, Conv2d, MaxPool2d, ReLU, Sequential, col2im, output_size, windows
 
 # What the fast layers keep for their backward passes, by name.
@@ -352,6 +353,16 @@ def normalise_in_place(bn, y, train):
 def batchnorm_input_grad(bn, dout, xhat, inv_std, train, in_place=False):
     """BatchNorm2d.backward for the given cache values; accumulates dgamma, dbeta. ``in_place``:
     dout becomes dx (for a caller that owns dout)."""
+    if kernels.enabled(bn.xp):       # three CUDA kernels (kernels.py); dout is left alone
+        m = dout.size // bn.c
+        dbeta = kernels.channel_sum(bn.xp, dout)
+        dgamma = kernels.channel_dot(bn.xp, dout, xhat)
+        bn.grads["weight"] += dgamma
+        bn.grads["bias"] += dbeta
+        a = bn.params["weight"] * inv_std
+        if not train:
+            return dout * a
+        return kernels.bn_backward(bn.xp, dout, xhat, a, dbeta / m, dgamma / m)
     dbeta = bn.channel_sum(dout)
     dgamma = bn.channel_sum(dout, xhat)
     bn.grads["weight"] += dgamma
@@ -380,12 +391,28 @@ class FastBasicBlock(BasicBlock):
 
     def _bn_relu(self, bn, y, train, residual=None):
         """relu(bn(y) [+ residual]), normalising y in place (the convolution's fresh output)."""
+        if kernels.enabled(self.xp):
+            return self._bn_relu_kernels(bn, y, train, residual)
         xhat, inv_std = normalise_in_place(bn, y, train)
         out = xhat * bn.params["weight"]
         out += bn.params["bias"]
         if residual is not None:
             out += residual
         self.xp.maximum(out, 0, out=out)
+        return out, xhat, inv_std
+
+    def _bn_relu_kernels(self, bn, y, train, residual):
+        """_bn_relu in three CUDA kernels (kernels.py): two channel reductions, one elementwise."""
+        xp = self.xp
+        m = y.size // bn.c
+        if train:
+            mean = kernels.channel_sum(xp, y) / m
+            var = kernels.channel_sq_dev(xp, y, mean) / m
+            bn.update_running(mean, var, m)
+        else:
+            mean, var = bn.buffers["running_mean"], bn.buffers["running_var"]
+        inv_std = 1.0 / xp.sqrt(var + bn.eps)
+        xhat, out = kernels.bn_relu(xp, y, mean, inv_std, bn.params["weight"], bn.params["bias"], residual)
         return out, xhat, inv_std
 
     def forward(self, x, train=True):

@@ -1,0 +1,154 @@
+"""kernels.py: the twins against the library's BatchNorm, the fused block's kernel path on stand-in
+kernels (so its plumbing is tested on any machine), the CUDA bodies through a C++ compiler, and,
+on a GPU, every kernel against its twin."""
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from scratchproto import backend, fast, kernels
+from scratchproto import layers as L
+
+_cupy, _why = backend._cupy_or_reason()
+
+F64 = np.float64
+
+
+def _bn_forward_relu(x, gamma, beta, res=None):
+    bn = L.BatchNorm2d(x.shape[-1], dtype=F64)
+    bn.params["weight"][...], bn.params["bias"][...] = gamma, beta
+    y = bn.forward(x, train=True)
+    return bn, np.maximum(y + (res if res is not None else 0), 0)
+
+
+def test_twins_agree_with_the_library_batchnorm():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 7, 6)) * 2 + 1          # odd sizes, 6 channels
+    gamma, beta, res = rng.standard_normal(6), rng.standard_normal(6), rng.standard_normal(x.shape)
+    bn, want = _bn_forward_relu(x, gamma, beta, res)
+    m = x.size // 6
+    mean = kernels.channel_sum_twin(np, x) / m
+    var = kernels.channel_sq_dev_twin(np, x, mean) / m
+    inv_std = 1 / np.sqrt(var + 1e-5)
+    xhat, out = kernels.bn_relu_twin(np, x.copy(), mean, inv_std, gamma, beta, res)
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(xhat, bn.cache.xhat, rtol=1e-12, atol=1e-12)
+    d = rng.standard_normal(x.shape)
+    want_dx = bn.backward(d)
+    cb, cg = kernels.channel_sum_twin(np, d) / m, kernels.channel_dot_twin(np, d, xhat) / m
+    dx = kernels.bn_backward_twin(np, d, xhat, gamma * inv_std, cb, cg)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-10, atol=1e-12)
+    assert not kernels.enabled(np)
+
+
+class StandIn:
+    """Stands in for the compiled CuPy kernels on NumPy, with their calling conventions: an
+    elementwise kernel takes its outputs as trailing arguments (or returns a new one), a
+    reduction takes axis=."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, *args, axis=None):
+        if self.name == "bn_relu":
+            y, mean, inv_std, gamma, beta, res, xhat_out, out = args
+            h = (y - mean) * inv_std
+            xhat_out[...] = h
+            out[...] = np.maximum(gamma * h + beta + res, 0)
+            return xhat_out, out
+        if self.name == "bn_backward":
+            d, xhat, a, cb, cg = args
+            return a * (d - cb - xhat * cg)
+        assert axis == 0
+        x = args[0].astype(np.float64)
+        if self.name == "channel_sum":
+            return x.sum(axis=0)
+        if self.name == "channel_dot":
+            return (x * args[1]).sum(axis=0)
+        return ((x - args[1]) ** 2).sum(axis=0)
+
+
+@pytest.mark.parametrize("c_in,c_out,stride", [(4, 4, 1), (3, 5, 2)])
+def test_the_fused_block_on_its_kernel_path_matches_the_plain_block(monkeypatch, c_in, c_out, stride):
+    monkeypatch.setattr(kernels, "enabled", lambda xp: True)
+    monkeypatch.setattr(kernels, "_kernel", StandIn)
+    rng = np.random.default_rng(5)
+    plain = L.BasicBlock(c_in, c_out, stride, np.random.default_rng(1), dtype=F64)
+    quick = fast.FastBasicBlock(c_in, c_out, stride, np.random.default_rng(1), dtype=F64)
+    for (_, a), (_, b) in zip(plain.named_modules(), quick.named_modules()):
+        for k in a.params:
+            b.params[k][...] = a.params[k] = rng.standard_normal(a.params[k].shape)
+    for train in (True, False):
+        x = rng.standard_normal((3, 6, 6, c_in))
+        plain.zero_grad()
+        quick.zero_grad()
+        y1, y2 = plain.forward(x, train), quick.forward(x, train)
+        np.testing.assert_allclose(y2, y1, rtol=1e-10, atol=1e-12)
+        r = rng.standard_normal(y1.shape)
+        np.testing.assert_allclose(quick.backward(r), plain.backward(r), rtol=1e-9, atol=1e-11)
+        for (name, a), (_, b) in zip(plain.named_modules(), quick.named_modules()):
+            for k in a.grads:
+                np.testing.assert_allclose(b.grads[k], a.grads[k], rtol=1e-9, atol=1e-11, err_msg=f"{name}.{k}")
+            for k in a.buffers:
+                np.testing.assert_allclose(b.buffers[k], a.buffers[k], rtol=1e-12, err_msg=f"{name}.{k}")
+
+
+def _cpp(name, ins, outs, body):
+    """A C++ function with the kernel's parameters (outputs by reference) around its body."""
+    def params(spec, ref):
+        out = []
+        for p in spec.split(","):
+            typ, var = p.split()
+            typ = {"float64": "double", "float32": "float"}.get(typ, typ)
+            out.append(f"{typ}{'&' if ref else ''} {var}")
+        return out
+    signature = ", ".join(params(ins, False) + params(outs, True))
+    as_float = re.sub(r"\bT\b", "float", signature)
+    return (f"template <typename T> __device__ void {name}({signature}) {{\n{body}\n}}\n"
+            f"template void {name}<float>({as_float});\n")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to check the CUDA bodies")
+def test_every_cuda_body_compiles(tmp_path):
+    """A typo in a kernel must not cost GPU minutes: each body, in a function with the kernel's
+    parameters, through g++ -fsyntax-only (the CUDA qualifier defined away)."""
+    src = ["#define __device__\n"]
+    for name, (ins, outs, body) in kernels.ELEMENTWISE.items():
+        src.append(_cpp(name, ins, outs, body))
+    for name, (ins, out, mapped, reduce, post, identity) in kernels.REDUCTIONS.items():
+        body = (f"double a = ({mapped}); double b = ({identity}); a = ({reduce}); {post};")
+        src.append(_cpp(name, ins, out, body))
+    path = tmp_path / "kernels.cpp"
+    path.write_text("".join(src))
+    p = subprocess.run(["g++", "-fsyntax-only", "-Wall", "-Werror", "-Wno-unused-variable", str(path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr + "".join(src)
+
+
+@pytest.mark.skipif(_cupy is None, reason=f"no GPU path here: {_why}")
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+def test_cupy_kernels_match_their_twins(monkeypatch, dtype, rtol):
+    cp = _cupy
+    monkeypatch.setenv(kernels.ENV, "1")
+    assert kernels.enabled(cp)
+    rng = np.random.default_rng(7)
+    for shape in ((3, 5, 7, 6), (2, 9, 9, 13), (61, 1, 1, 3)):
+        x = cp.asarray(rng.standard_normal(shape) * 3 + 1, dtype=dtype)
+        w = cp.asarray(rng.standard_normal(shape), dtype=dtype)
+        c = shape[-1]
+        vec = [cp.asarray(rng.standard_normal(c), dtype=dtype) for _ in range(4)]
+        vec[1] = cp.abs(vec[1]) + 0.5                           # inv_std > 0
+        x[0, 0, 0] = x[0, 0, 1] if shape[2] > 1 else x[0, 0, 0]  # a tie, for good measure
+        pairs = [
+            (kernels.channel_sum(cp, x), kernels.channel_sum_twin(cp, x)),
+            (kernels.channel_dot(cp, x, w), kernels.channel_dot_twin(cp, x, w)),
+            (kernels.channel_sq_dev(cp, x, vec[0]), kernels.channel_sq_dev_twin(cp, x, vec[0])),
+            (kernels.bn_backward(cp, x, w, *vec[:3]), kernels.bn_backward_twin(cp, x, w, *vec[:3])),
+        ]
+        got = kernels.bn_relu(cp, x.copy(), *vec, w)
+        want = kernels.bn_relu_twin(cp, x.copy(), *vec, w)
+        pairs += list(zip(got, want))
+        for a, b in pairs:
+            np.testing.assert_allclose(cp.asnumpy(a), cp.asnumpy(b), rtol=rtol, atol=rtol)
