@@ -40,7 +40,7 @@ from .layers import BasicBlock, Conv2d, MaxPool2d, ReLU, Sequential, col2im, out
 # What the fast layers keep for their backward passes, by name.
 NarrowConvCache = namedtuple("NarrowConvCache", "cols x_shape")      # the whole (small) im2col matrix
 ChunkedConvCache = namedtuple("ChunkedConvCache", "x_shape xpad")     # the padded input: chunks are rebuilt
-ConvBlockCache = namedtuple("ConvBlockCache", "y pooled out sign mean inv_std m train gram")
+ConvBlockCache = namedtuple("ConvBlockCache", "y pooled out sign mean inv_std m train gram winner")
 FastBasicBlockCache = namedtuple("FastBasicBlockCache", "h xhat1 inv_std1 out xhat2 inv_std2 train")
 
 
@@ -246,6 +246,9 @@ class ConvBlock(Workspace, Sequential):
             var64 = xp.einsum("ko,kl,lo->o", w64, g, w64) / m - mean64 ** 2
             mean, var = mean64.astype(y.dtype), var64.astype(y.dtype)
             gram = (colsum, g @ w64)
+        elif train and kernels.enabled(xp):
+            mean = kernels.channel_sum(xp, y) / m
+            var = kernels.channel_sq_dev(xp, y, mean) / m
         elif train:
             mean = bn.channel_sum(y) / m
             yc = y - mean
@@ -258,23 +261,29 @@ class ConvBlock(Workspace, Sequential):
             var = bn.buffers["running_var"]
         inv_std = 1.0 / xp.sqrt(var + bn.eps)
         scale = gamma * sign * inv_std              # = |gamma| / sigma >= 0
-        views = self._windows(y)
-        pooled = xp.maximum(views[0], views[1])
-        xp.maximum(pooled, views[2], out=pooled)
-        xp.maximum(pooled, views[3], out=pooled)
-        out = pooled * scale
-        out += bn.params["bias"] - mean * scale
-        xp.maximum(out, 0, out=out)
-        self.cache = ConvBlockCache(y, pooled, out, sign, mean, inv_std, m, train, gram)
+        winner = None
+        if kernels.enabled(xp):                     # pool, first-max index, scale, shift, ReLU: one kernel
+            pooled, out, winner = kernels.pool_bn_relu(xp, y, scale, bn.params["bias"] - mean * scale)
+        else:
+            views = self._windows(y)
+            pooled = xp.maximum(views[0], views[1])
+            xp.maximum(pooled, views[2], out=pooled)
+            xp.maximum(pooled, views[3], out=pooled)
+            out = pooled * scale
+            out += bn.params["bias"] - mean * scale
+            xp.maximum(out, 0, out=out)
+        self.cache = ConvBlockCache(y, pooled, out, sign, mean, inv_std, m, train, gram, winner)
         return out
 
     def backward(self, dout, need_dx=True):
         xp, bn = self.xp, self.bn
-        y, pooled, out, sign, mean, inv_std, m, train, gram = self.cache
+        y, pooled, out, sign, mean, inv_std, m, train, gram, winner = self.cache
         dz = dout * (out > 0)                               # through the ReLU, on the quarter
         xhat_pooled = (pooled - mean) * (sign * inv_std)    # the normalised winners
-        dbeta = bn.channel_sum(dz)
-        dgamma = bn.channel_sum(dz, xhat_pooled)
+        if kernels.enabled(xp):
+            dbeta, dgamma = kernels.channel_sum(xp, dz), kernels.channel_dot(xp, dz, xhat_pooled)
+        else:
+            dbeta, dgamma = bn.channel_sum(dz), bn.channel_sum(dz, xhat_pooled)
         bn.grads["weight"] += dgamma
         bn.grads["bias"] += dbeta
         # BatchNorm's backward is dy = a*dz_full + coef_xhat*xhat + coef_one, with dz_full zero
@@ -292,6 +301,8 @@ class ConvBlock(Workspace, Sequential):
             self.conv.grads["bias"] += a * dbeta + m * coef_one
         if gram is not None and not need_dx:
             return self._narrow_weight_grad(a_dz, dy_per_y, dy_const, gram)
+        if winner is not None:                      # the kernel path: dy in one kernel
+            return self.conv.conv_backward(kernels.conv_block_dy(xp, y, dy_per_y, dy_const, a_dz, winner), need_dx)
         dy = y * dy_per_y
         dy += dy_const
         buf = self.workspace("winner", a_dz.shape, a_dz.dtype)

@@ -9,7 +9,11 @@ transposing copies. Each entry here does one such group in one kernel:
 * ``bn_relu(y, mean, inv_std, gamma, beta, res)``: xhat = (y - mean) * inv_std (written over y)
   and out = relu(gamma * xhat + beta [+ res]);
 * ``bn_backward(d, xhat, a, cb, cg)``: dx = a * (d - cb - xhat * cg), BatchNorm's input gradient
-  (lesson 3) with the per-channel constants a = gamma / sigma, cb = sum(d) / m, cg = sum(d xhat) / m.
+  (lesson 3) with the per-channel constants a = gamma / sigma, cb = sum(d) / m, cg = sum(d xhat) / m;
+* ``pool_bn_relu(y, scale, shift)``: the ConvNet block's forward after its convolution (fast.py's
+  ConvBlock): 2x2 max-pooling with the index of the first maximum, then relu(scale * max + shift);
+* ``conv_block_dy(y, dy_per_y, dy_const, a_dz, winner)``: its backward to the convolution's
+  output, dy = dy_per_y * y + dy_const everywhere, plus a_dz at each window's winner.
 
 Every function takes the array module first. Its twin (``*_twin``) is the reference: plain array
 operations, written once against ``xp``, the formula in its docstring; tests hold the kernels
@@ -46,6 +50,44 @@ ELEMENTWISE = {
         "T d, T xhat, T a, T cb, T cg", "T dx",
         """
         dx = a * (d - cb - xhat * cg);
+        """),
+    # over the pooled output (N, Ho, Wo, C); y (N, H, W, C) is read raw, 4 values per window
+    "pool_bn_relu": (
+        "raw T y, T scale, T shift, int32 H, int32 W, int32 Ho, int32 Wo, int32 C",
+        "T pooled, T out, uint8 winner",
+        """
+        int c = i % C;
+        int wo = (i / C) % Wo;
+        int ho = (i / (C * Wo)) % Ho;
+        int n = i / (C * Wo * Ho);
+        long long base = (((long long)n * H + 2 * ho) * W + 2 * wo) * C + c;
+        long long offsets[4] = {0, C, (long long)W * C, (long long)W * C + C};
+        T best = y[base];
+        unsigned char arg = 0;
+        for (int q = 1; q < 4; ++q) {
+            T v = y[base + offsets[q]];
+            if (v > best) { best = v; arg = q; }   /* strictly greater: ties go to the first */
+        }
+        pooled = best;
+        winner = arg;
+        T o = scale * best + shift;
+        out = o > (T)0 ? o : (T)0;
+        """),
+    # over the convolution's output (N, H, W, C); the pooled arrays are read raw
+    "conv_block_dy": (
+        "T y, T dy_per_y, T dy_const, raw T a_dz, raw uint8 winner, int32 H, int32 W, int32 Ho, int32 Wo, int32 C",
+        "T dy",
+        """
+        int c = i % C;
+        int w = (i / C) % W;
+        int h = (i / (C * W)) % H;
+        int n = i / (C * W * H);
+        T g = dy_per_y * y + dy_const;
+        if (h < 2 * Ho && w < 2 * Wo) {
+            long long j = (((long long)n * Ho + h / 2) * Wo + w / 2) * C + c;
+            if (winner[j] == (h % 2) * 2 + (w % 2)) g += a_dz[j];
+        }
+        dy = g;
         """),
 }
 
@@ -116,6 +158,36 @@ def bn_backward_twin(xp, d, xhat, a, cb, cg):
     return a * (d - cb - xhat * cg)
 
 
+def _window_positions(y):
+    """The four 2x2-window positions of y (N, H, W, C), row-major, as views (N, H//2, W//2, C)."""
+    ho, wo = y.shape[1] // 2, y.shape[2] // 2
+    return [y[:, i:2 * ho:2, j:2 * wo:2] for i in range(2) for j in range(2)]
+
+
+def pool_bn_relu_twin(xp, y, scale, shift):
+    """pooled = max over each 2x2 window of y (N, H, W, C), floor mode; winner = the window
+    position (0..3, row-major) of its first maximum; out = max(scale * pooled + shift, 0).
+    Returns (pooled, out, winner uint8)."""
+    views = _window_positions(y)
+    pooled = views[0].copy()
+    winner = xp.zeros(pooled.shape, dtype=np.uint8)
+    for q in range(1, 4):
+        better = views[q] > pooled             # strictly: ties stay with the first
+        winner[better] = q
+        xp.maximum(pooled, views[q], out=pooled)
+    out = xp.maximum(pooled * scale + shift, 0)
+    return pooled, out, winner
+
+
+def conv_block_dy_twin(xp, y, dy_per_y, dy_const, a_dz, winner):
+    """dy = dy_per_y * y + dy_const over y (N, H, W, C), plus a_dz (N, H//2, W//2, C) at each
+    window's winner (rows and columns that floor mode drops get only the first two terms)."""
+    dy = y * dy_per_y + dy_const
+    for q, view in enumerate(_window_positions(dy)):
+        view += xp.where(winner == q, a_dz, 0)
+    return dy
+
+
 def channel_sum(xp, x):
     if not enabled(xp):
         return channel_sum_twin(xp, x)
@@ -146,3 +218,21 @@ def bn_backward(xp, d, xhat, a, cb, cg):
     if not enabled(xp):
         return bn_backward_twin(xp, d, xhat, a, cb, cg)
     return _kernel("bn_backward")(d, xhat, a, cb, cg)
+
+
+def pool_bn_relu(xp, y, scale, shift):
+    if not enabled(xp):
+        return pool_bn_relu_twin(xp, y, scale, shift)
+    n, h, w, c = y.shape
+    shape = (n, h // 2, w // 2, c)
+    pooled, out, winner = xp.empty(shape, y.dtype), xp.empty(shape, y.dtype), xp.empty(shape, np.uint8)
+    _kernel("pool_bn_relu")(xp.ascontiguousarray(y), scale, shift, h, w, h // 2, w // 2, c, pooled, out, winner)
+    return pooled, out, winner
+
+
+def conv_block_dy(xp, y, dy_per_y, dy_const, a_dz, winner):
+    if not enabled(xp):
+        return conv_block_dy_twin(xp, y, dy_per_y, dy_const, a_dz, winner)
+    n, h, w, c = y.shape
+    return _kernel("conv_block_dy")(y, dy_per_y, dy_const, xp.ascontiguousarray(a_dz), winner,
+                                    h, w, h // 2, w // 2, c)

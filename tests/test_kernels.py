@@ -61,6 +61,16 @@ class StandIn:
         if self.name == "bn_backward":
             d, xhat, a, cb, cg = args
             return a * (d - cb - xhat * cg)
+        if self.name == "pool_bn_relu":        # the twin, written into the given outputs
+            y, scale, shift, h, w, ho, wo, c, *outs = args
+            assert y.shape == (y.shape[0], h, w, c) and outs[0].shape == (y.shape[0], ho, wo, c)
+            for dest, value in zip(outs, kernels.pool_bn_relu_twin(np, y, scale, shift)):
+                dest[...] = value
+            return outs
+        if self.name == "conv_block_dy":
+            y, dy_per_y, dy_const, a_dz, winner, h, w, ho, wo, c = args
+            assert winner.dtype == np.uint8 and a_dz.shape == (y.shape[0], ho, wo, c)
+            return kernels.conv_block_dy_twin(np, y, dy_per_y, dy_const, a_dz, winner)
         assert axis == 0
         x = args[0].astype(np.float64)
         if self.name == "channel_sum":
@@ -68,6 +78,21 @@ class StandIn:
         if self.name == "channel_dot":
             return (x * args[1]).sum(axis=0)
         return ((x - args[1]) ** 2).sum(axis=0)
+
+
+def _assert_same(plain, quick, x, train, rng):
+    """Forward, backward (input and every parameter gradient) and buffers agree to rounding."""
+    plain.zero_grad()
+    quick.zero_grad()
+    y1, y2 = plain.forward(x, train), quick.forward(x, train)
+    np.testing.assert_allclose(y2, y1, rtol=1e-10, atol=1e-12)
+    r = rng.standard_normal(y1.shape)
+    np.testing.assert_allclose(quick.backward(r), plain.backward(r), rtol=1e-9, atol=1e-11)
+    for (name, a), (_, b) in zip(plain.named_modules(), quick.named_modules()):
+        for k in a.grads:
+            np.testing.assert_allclose(b.grads[k], a.grads[k], rtol=1e-9, atol=1e-10, err_msg=f"{name}.{k}")
+        for k in a.buffers:
+            np.testing.assert_allclose(b.buffers[k], a.buffers[k], rtol=1e-12, err_msg=f"{name}.{k}")
 
 
 @pytest.mark.parametrize("c_in,c_out,stride", [(4, 4, 1), (3, 5, 2)])
@@ -81,30 +106,25 @@ def test_the_fused_block_on_its_kernel_path_matches_the_plain_block(monkeypatch,
         for k in a.params:
             b.params[k][...] = a.params[k] = rng.standard_normal(a.params[k].shape)
     for train in (True, False):
-        x = rng.standard_normal((3, 6, 6, c_in))
-        plain.zero_grad()
-        quick.zero_grad()
-        y1, y2 = plain.forward(x, train), quick.forward(x, train)
-        np.testing.assert_allclose(y2, y1, rtol=1e-10, atol=1e-12)
-        r = rng.standard_normal(y1.shape)
-        np.testing.assert_allclose(quick.backward(r), plain.backward(r), rtol=1e-9, atol=1e-11)
-        for (name, a), (_, b) in zip(plain.named_modules(), quick.named_modules()):
-            for k in a.grads:
-                np.testing.assert_allclose(b.grads[k], a.grads[k], rtol=1e-9, atol=1e-11, err_msg=f"{name}.{k}")
-            for k in a.buffers:
-                np.testing.assert_allclose(b.buffers[k], a.buffers[k], rtol=1e-12, err_msg=f"{name}.{k}")
+        _assert_same(plain, quick, rng.standard_normal((3, 6, 6, c_in)), train, rng)
+
+
+TYPES = {"float64": "double", "float32": "float", "int32": "int", "uint8": "unsigned char"}
 
 
 def _cpp(name, ins, outs, body):
-    """A C++ function with the kernel's parameters (outputs by reference) around its body."""
+    """A C++ function with the kernel's parameters around its body: outputs by reference, raw
+    arrays as pointers, and CuPy's element index i."""
     def params(spec, ref):
         out = []
         for p in spec.split(","):
-            typ, var = p.split()
-            typ = {"float64": "double", "float32": "float"}.get(typ, typ)
-            out.append(f"{typ}{'&' if ref else ''} {var}")
+            words = p.split()
+            raw = words[0] == "raw"
+            typ, var = words[-2:]
+            typ = TYPES.get(typ, typ)
+            out.append(f"{typ}{'*' if raw else '&' if ref else ''} {var}")
         return out
-    signature = ", ".join(params(ins, False) + params(outs, True))
+    signature = ", ".join(params(ins, False) + params(outs, True) + ["long long i"])
     as_float = re.sub(r"\bT\b", "float", signature)
     return (f"template <typename T> __device__ void {name}({signature}) {{\n{body}\n}}\n"
             f"template void {name}<float>({as_float});\n")
@@ -150,5 +170,31 @@ def test_cupy_kernels_match_their_twins(monkeypatch, dtype, rtol):
         got = kernels.bn_relu(cp, x.copy(), *vec, w)
         want = kernels.bn_relu_twin(cp, x.copy(), *vec, w)
         pairs += list(zip(got, want))
+        if shape[1] > 1:
+            xr = cp.round(x)                                     # ties in the windows
+            pairs += list(zip(kernels.pool_bn_relu(cp, xr, vec[1], vec[0]), kernels.pool_bn_relu_twin(cp, xr, vec[1], vec[0])))
+            _, _, winner = kernels.pool_bn_relu_twin(cp, xr, vec[1], vec[0])
+            a_dz = cp.asarray(rng.standard_normal(winner.shape), dtype=dtype)
+            pairs.append((kernels.conv_block_dy(cp, xr, vec[2], vec[3], a_dz, winner),
+                          kernels.conv_block_dy_twin(cp, xr, vec[2], vec[3], a_dz, winner)))
         for a, b in pairs:
             np.testing.assert_allclose(cp.asnumpy(a), cp.asnumpy(b), rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("c_in,size", [(1, 8), (3, 7)])      # the narrow first block; an odd map
+def test_the_conv_block_on_its_kernel_path_matches_the_plain_sequence(monkeypatch, c_in, size):
+    monkeypatch.setattr(kernels, "enabled", lambda xp: True)
+    monkeypatch.setattr(kernels, "_kernel", StandIn)
+    rng = np.random.default_rng(3)
+    kw = dict(dtype=F64)
+    plain = L.Sequential(L.Conv2d(c_in, 5, 3, 1, 1, rng=np.random.default_rng(2), **kw), L.BatchNorm2d(5, **kw),
+                         L.ReLU(**kw), L.MaxPool2d(2, **kw), **kw)
+    quick = fast.ConvBlock(fast.FastConv2d(c_in, 5, 3, 1, 1, rng=np.random.default_rng(2), **kw),
+                           L.BatchNorm2d(5, **kw), **kw)
+    gamma = np.array([1.5, -0.7, 0.3, -2.0, 1.0])     # negative gammas: the sign trick
+    for blk in (plain, quick):
+        blk.children[1][1].params["weight"][...] = gamma
+    for train in (True, False, True):
+        x = np.round(rng.standard_normal((4, size, size, c_in)), 1)   # rounded: ties in the windows
+        _assert_same(plain, quick, x, train, rng)
+        assert quick.cache.winner is not None                       # the kernel path ran
