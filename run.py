@@ -75,8 +75,9 @@ def parser():
                    help="with --train-split background: characters only at rot000, not the four "
                         "rotations as classes of the Vinyals protocol")
     t.add_argument("--within-alphabet", action="store_true",
-                   help="draw every training and validation episode's classes from one alphabet, as "
-                        "Lake et al.'s benchmark tests (default: classes from any alphabet)")
+                   help="draw every training episode's classes from one alphabet, as Lake et al.'s "
+                        "benchmark tests (default: classes from any alphabet); with --train-split "
+                        "background the validation episodes always are")
     t.add_argument("--seed", type=int, default=D.seed, help="seeds the weights and every episode (default: %(default)s)")
     t.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<backbone>-<timestamp>)")
 

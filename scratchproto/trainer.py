@@ -55,7 +55,7 @@ class Config:
     tf32: bool = False                  # on a GPU: TF32 tensor cores for float32 products
     train_split: str = "train"          # 'train', 'trainval' (no validation) or 'background'
     rotations: bool = True              # rotated characters as classes (background only)
-    within_alphabet: bool = False       # every episode's classes from one alphabet
+    within_alphabet: bool = False       # every training episode's classes from one alphabet
     data: str = "data/omniglot"
     mirror: str = None
 
@@ -161,12 +161,16 @@ def check_choices(cfg):
 
 
 def _episodes(ds, cfg, part, epoch, xp=np):
-    """The training (part 'train') or validation ('val') episodes of an epoch, on ``xp``."""
+    """The training (part 'train') or validation ('val') episodes of an epoch, on ``xp``.
+
+    Training episodes are within one alphabet with ``within_alphabet``; validation episodes on the
+    background split always are, since they stand in for Lake's benchmark, which tests that way
+    (so that runs trained either way are compared on the same validation)."""
     split = cfg.splits[0 if part == "train" else 1]
     way, shot, query, n = (getattr(cfg, f"{part}_{k}") for k in ("way", "shot", "query", "episodes"))
+    within = cfg.within_alphabet if part == "train" else cfg.train_split == "background"
     return episodes(ds, split, way, shot, query, n, seed=[cfg.seed, epoch, 0 if part == "train" else 1],
-                    device=xp, rotations=cfg.rotations, within_alphabet=cfg.within_alphabet,
-                    flags=f"--{part}-")
+                    device=xp, rotations=cfg.rotations, within_alphabet=within, flags=f"--{part}-")
 
 
 def _check_config(cfg, ds):

@@ -1,5 +1,6 @@
 """Lake et al.'s one-shot benchmark: the background-only split, within-alphabet episodes, the
 reading and scoring of the 20 runs (known answers on synthetic run files), and the CLI."""
+import dataclasses
 import io
 import json
 import subprocess
@@ -178,6 +179,15 @@ def test_training_on_the_background_split(omniglot, tmp_path):
     assert saved["train_split"] == "background" and saved["within_alphabet"] and not saved["rotations"]
     assert sp.checkpoint.load(run / "best.npz")[0]["train_split"] == "background"
     assert "val" in json.loads((run / "trace.jsonl").read_text().splitlines()[0])
+    # validation on the background split is within one alphabet even when training is not
+    mixed = trainer.Config(**{**dataclasses.asdict(cfg), "within_alphabet": False})
+    calls = []
+    real = trainer.episodes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "episodes", lambda *a, **k: calls.append((a[1], k["within_alphabet"])) or real(*a, **k))
+        trainer._episodes(omniglot, mixed, "train", 1)
+        trainer._episodes(omniglot, mixed, "val", 1)
+    assert calls == [("background-train", False), ("background-val", True)]
     with pytest.raises(sp.UserError, match="--no-rotations goes with --train-split background"):
         trainer.train(trainer.Config(rotations=False), out=tmp_path / "x", progress=False)
     # runs written before train_split existed still resume
