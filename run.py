@@ -77,7 +77,7 @@ def parser():
     t.add_argument("--within-alphabet", action="store_true",
                    help="draw every training episode's classes from one alphabet, as Lake et al.'s "
                         "benchmark tests (default: classes from any alphabet); with --train-split "
-                        "background the validation episodes always are")
+                        "background the validation episodes always are, and unrotated, as the benchmark")
     t.add_argument("--seed", type=int, default=D.seed, help="seeds the weights and every episode (default: %(default)s)")
     t.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<backbone>-<timestamp>)")
 

@@ -163,14 +163,17 @@ def check_choices(cfg):
 def _episodes(ds, cfg, part, epoch, xp=np):
     """The training (part 'train') or validation ('val') episodes of an epoch, on ``xp``.
 
-    Training episodes are within one alphabet with ``within_alphabet``; validation episodes on the
-    background split always are, since they stand in for Lake's benchmark, which tests that way
-    (so that runs trained either way are compared on the same validation)."""
+    Training episodes are within one alphabet with ``within_alphabet``, and use the rotated
+    classes unless ``rotations`` is off. Validation episodes on the background split stand in for
+    Lake's benchmark, so they are as it is: within one alphabet, characters unrotated (and runs
+    trained either way are compared on the same validation)."""
     split = cfg.splits[0 if part == "train" else 1]
     way, shot, query, n = (getattr(cfg, f"{part}_{k}") for k in ("way", "shot", "query", "episodes"))
-    within = cfg.within_alphabet if part == "train" else cfg.train_split == "background"
+    lake_like = part == "val" and cfg.train_split == "background"
+    within = cfg.within_alphabet if part == "train" else lake_like
+    rotations = cfg.rotations and not lake_like
     return episodes(ds, split, way, shot, query, n, seed=[cfg.seed, epoch, 0 if part == "train" else 1],
-                    device=xp, rotations=cfg.rotations, within_alphabet=within, flags=f"--{part}-")
+                    device=xp, rotations=rotations, within_alphabet=within, flags=f"--{part}-")
 
 
 def _check_config(cfg, ds):

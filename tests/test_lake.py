@@ -184,10 +184,13 @@ def test_training_on_the_background_split(omniglot, tmp_path):
     calls = []
     real = trainer.episodes
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer, "episodes", lambda *a, **k: calls.append((a[1], k["within_alphabet"])) or real(*a, **k))
+        mp.setattr(trainer, "episodes", lambda *a, **k: calls.append((a[1], k["within_alphabet"], k["rotations"]))
+                   or real(*a, **k))
         trainer._episodes(omniglot, mixed, "train", 1)
         trainer._episodes(omniglot, mixed, "val", 1)
-    assert calls == [("background-train", False), ("background-val", True)]
+        trainer._episodes(omniglot, trainer.Config(), "val", 1)
+    # validation as the benchmark is (one alphabet, unrotated); Vinyals validation unchanged
+    assert calls == [("background-train", False, False), ("background-val", True, False), ("val", False, True)]
     with pytest.raises(sp.UserError, match="--no-rotations goes with --train-split background"):
         trainer.train(trainer.Config(rotations=False), out=tmp_path / "x", progress=False)
     # runs written before train_split existed still resume
