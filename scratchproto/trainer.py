@@ -209,14 +209,14 @@ def train(cfg=None, out=None, resume=None, overrides=None, progress=True, log=pr
         if not run_dir.is_dir():
             raise UserError(f"{run_dir} is not a run folder to resume ("
                             f"{'it is a file' if run_dir.exists() else 'it does not exist'})")
-        if not (run_dir / "config.json").exists() or not (run_dir / "last.npz").exists():
-            raise UserError(f"{run_dir} is not a run folder to resume (no config.json and last.npz)")
         bad_keys = set(overrides or {}) - set(RESUME_OVERRIDES)
         if bad_keys:
             raise UserError(f"a resumed run keeps its settings; only {', '.join(RESUME_OVERRIDES)} "
                             f"may change (got {', '.join(sorted(bad_keys))})")
         check_numbers(overrides or {})
-        with files.FolderLock(run_dir):
+        with files.FolderLock(run_dir):      # first: a run still training there is the likelier story
+            if not (run_dir / "config.json").exists() or not (run_dir / "last.npz").exists():
+                raise UserError(f"{run_dir} is not a run folder to resume (no config.json and last.npz)")
             saved = files.read_json(run_dir / "config.json", "run settings")
             try:
                 cfg = Config.from_saved({**saved["config"], **(overrides or {})})

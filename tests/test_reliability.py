@@ -278,9 +278,13 @@ def test_resume_after_sigkill_continues_with_a_continuous_trace(omniglot, tmp_pa
 
 def test_a_second_run_in_the_same_folder_refuses_and_leaves_the_first_alone(omniglot, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "run.py"), *TINY, "--epochs", "6", "--train-episodes", "20",
-           "--out", str(run), "--data", str(omniglot.root), "--mirror", OFFLINE, "--no-progress"]
+    cmd = [sys.executable, str(REPO / "run.py"), *TINY, "--epochs", "1000", "--out", str(run),
+           "--data", str(omniglot.root), "--mirror", OFFLINE, "--no-progress"]
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def epochs_done():
+        path = run / "trace.jsonl"
+        return path.read_text().count("\n") if path.exists() else 0
     try:
         deadline = time.monotonic() + 60
         while not (run / "config.json").exists():    # written once the folder is locked and data loaded
@@ -288,18 +292,25 @@ def test_a_second_run_in_the_same_folder_refuses_and_leaves_the_first_alone(omni
             time.sleep(0.01)
         second = cli(*TINY, "--epochs", "6", "--out", str(run), data=omniglot.root)
         resumed = cli("--resume", str(run))
-        still_running = first.poll() is None
+        done = epochs_done()
+        while epochs_done() < done + 2:               # and the first run goes on, undisturbed
+            assert time.monotonic() < deadline + 60 and first.poll() is None
+            time.sleep(0.05)
     finally:
+        first.send_signal(signal.SIGTERM)             # 1000 epochs: it is stopped, as a user would
         out, err = first.communicate(timeout=120)
-    assert still_running, "the first run ended before the second started: make it longer"
     one_line_error(second, run, "is in use by another run.py")
     assert "already holds" not in second.stderr
     one_line_error(resumed, run, "is in use by another run.py")
-    assert first.returncode == 0, err
-    assert [r["epoch"] for r in trace_without_seconds(run)] == [1, 2, 3, 4, 5, 6]
-    assert "done after epoch 6" in out
+    assert first.returncode == 130 and "Traceback" not in err, err
+    epochs = [r["epoch"] for r in trace_without_seconds(run)]
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 2
+    # (stopped between its trace line and its checkpoint, the trace is one epoch ahead: resume cuts it)
+    saved = sp.checkpoint.load(run / "last.npz")[0]["epoch"]
+    assert saved in (epochs[-1], epochs[-1] - 1)
     # the lock goes with the process: once the first has ended, the folder can be resumed
-    assert cli("--resume", str(run), "--epochs", "7").returncode == 0
+    assert cli("--resume", str(run), "--epochs", str(saved + 1)).returncode == 0
+    assert [r["epoch"] for r in trace_without_seconds(run)] == list(range(1, saved + 2))
 
 
 def test_an_unforeseen_file_system_fault_is_still_one_line(monkeypatch, capsys):
