@@ -12,11 +12,10 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # run from a checkout
 from scratchproto import backend  # noqa: E402
 from scratchproto.fast import FastConv2d  # noqa: E402
+import numpy as np  # noqa: E402  (after scratchproto, which sets OpenBLAS's thread timeout first)
 
 # (images, height = width, channels in = out): ResNet-18's four stages at 20-way 5+5, and the
 # ConvNet's second block at 60-way 5+5

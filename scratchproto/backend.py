@@ -32,15 +32,19 @@ def keep_freed_memory():
     By default glibc serves every allocation above a few MB with a fresh mmap and unmaps it on
     free, so each of a training step's large temporaries (tens of MB, the same sizes every step)
     is page-faulted in anew, which costs about as much as a pass over it. Raising the mmap and
-    trim thresholds lets those blocks be recycled. Linux/glibc only; a no-op elsewhere, or when
-    SCRATCHPROTO_NO_MALLOPT is set. Returns whether it took effect.
+    trim thresholds lets those blocks be recycled. It also keeps every thread on the one main
+    heap (arena): a second thread otherwise gets a heap of its own, which glibc shrinks whenever
+    its top is freed: in a pass timed alone (session 7), fast.py's worker thread page-faulted its
+    1 MB temporaries in anew on every call and two threads were slower than one. Linux/glibc
+    only; a no-op elsewhere, or when SCRATCHPROTO_NO_MALLOPT is set. Returns whether it took effect.
     """
     if os.environ.get("SCRATCHPROTO_NO_MALLOPT") or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 32))
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 32)
+                    and libc.mallopt(m_arena_max, 1))
     except (OSError, AttributeError):
         return False
 

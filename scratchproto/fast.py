@@ -28,13 +28,22 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
   gradients it owns. Same operations in the same order as the plain layers, so the same numbers,
   with four fewer full-size arrays allocated per block and direction.
 
+On a CPU the passes outside the GEMMs (BatchNorm statistics, pooling, scale/shift/ReLU, dy and
+the pooling winners, the im2col copies) use every core the process may use (``THREADS``): each
+pass is split by images among a few reused threads (``over_images``; NumPy lets go of the GIL in
+its loops), and each thread's share is walked in blocks of about 1 MB, so that a block's
+temporaries are read back while they are still in the cache. A block's result does not depend on
+who computes it, so the numbers are the same with any number of threads.
+
 tests/test_fast.py checks them against the plain layers, in float64, to rounding.
 """
+import os
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import kernels
+from . import backend, kernels
 from .layers import BasicBlock, Conv2d, MaxPool2d, ReLU, Sequential, col2im, output_size, windows
 
 # What the fast layers keep for their backward passes, by name.
@@ -73,6 +82,69 @@ class Workspace:
         return buf[:size].reshape(shape)
 
 
+def cpu_threads():
+    """Threads for the passes outside the GEMMs on NumPy: $SCRATCHPROTO_THREADS, else
+    $OPENBLAS_NUM_THREADS or $OMP_NUM_THREADS (a run pinned to one BLAS thread, so that two runs
+    share a machine, stays on its one core), else the cores this process may run on."""
+    for name in ("SCRATCHPROTO_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    if "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
+        # NumPy was loaded before scratchproto without it: OpenBLAS's idle workers spin on the
+        # other cores after every product, and a second thread of ours gained nothing against
+        # them (benchmarks/README.md), so stay on one
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+THREADS = cpu_threads()
+BLOCK_FLOATS = 1 << 18      # about 1 MB of float32 per block: within a core's L2 cache
+_pool = None                # THREADS - 1 worker threads, made on first use; the caller is the last
+
+
+def over_images(xp, n, per_image, fn):
+    """[fn(n0, n1) for consecutive blocks of images n0..n1 covering 0..n], in order.
+
+    A block holds about BLOCK_FLOATS / per_image images (per_image: floats per image of the
+    largest array fn touches). On NumPy the blocks are dealt out in THREADS contiguous runs, one
+    per thread; on CuPy (one launch per call is what counts there) fn(0, n) is the only call.
+    fn must write only to images n0..n1 of its outputs and may return a value (e.g. per-image
+    partial sums) to be combined by the caller.
+    """
+    global _pool
+    if xp is not np:
+        return [fn(0, n)]
+    step = max(1, BLOCK_FLOATS // max(1, per_image))
+    blocks = [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
+    parts = min(THREADS, len(blocks))
+    if parts <= 1:
+        return [fn(n0, n1) for n0, n1 in blocks]
+    if _pool is None or _pool._max_workers < parts - 1:
+        backend.keep_freed_memory()     # else each worker's temporaries are page-faulted in anew
+        _pool = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="scratchproto")
+    runs = [blocks[len(blocks) * i // parts:len(blocks) * (i + 1) // parts] for i in range(parts)]
+    walk = lambda run: [fn(n0, n1) for n0, n1 in run]       # noqa: E731
+    futures = [_pool.submit(walk, run) for run in runs[1:]]
+    results = walk(runs[0])
+    for f in futures:
+        results += f.result()
+    return results
+
+
+def per_image_sums(xp, parts):
+    """Channel sums over all images from the per-image sums (n_i, C) of consecutive blocks:
+    across images in float64, as BatchNorm2d.channel_sum does."""
+    return xp.concatenate(parts).sum(axis=0, dtype=np.float64).astype(parts[0].dtype)
+
+
+def copy_images(xp, dst, src):
+    """dst[...] = src for arrays (N, ...), image blocks shared among the threads."""
+    def part(n0, n1):
+        dst[n0:n1] = src[n0:n1]
+    over_images(xp, dst.shape[0], dst[:1].size, part)
+
+
 class FastConv2d(Workspace, Conv2d):
     """Conv2d whose im2col matrix never exists whole: it is built chunk by chunk of images, each
     chunk with one copy from a strided window view of the padded input, used for its GEMM and
@@ -109,7 +181,8 @@ class FastConv2d(Workspace, Conv2d):
         """im2col rows of padded images n0..n1, in a buffer reused by every chunk of ``step`` images."""
         kkc = self.k * self.k * xpad.shape[3]
         cols = self.shared_workspace((step * ho * wo, kkc), xpad.dtype)[:(n1 - n0) * ho * wo]
-        cols.reshape(n1 - n0, ho, wo, self.k, self.k, -1)[...] = self._window_view(xpad, n0, n1, ho, wo, stride)
+        copy_images(self.xp, cols.reshape(n1 - n0, ho, wo, self.k, self.k, -1),
+                    self._window_view(xpad, n0, n1, ho, wo, stride))
         return cols
 
     def _correlate(self, x, wmat, pad, stride, name, reuse=False):
@@ -119,7 +192,7 @@ class FastConv2d(Workspace, Conv2d):
         n, h, w, c = x.shape
         ho, wo = output_size(h, k, stride, pad), output_size(w, k, stride, pad)
         xpad = self.workspace(name, (n, h + 2 * pad, w + 2 * pad, c), x.dtype, zero_border=pad)
-        xpad[:, pad:pad + h, pad:pad + w] = x
+        copy_images(xp, xpad[:, pad:pad + h, pad:pad + w], x)
         shape = (n * ho * wo, wmat.shape[1])
         y = self.workspace(name + "_out", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
         chunks = self._chunks(n, ho, wo, c)
@@ -152,9 +225,9 @@ class FastConv2d(Workspace, Conv2d):
             n, h, w, c = x.shape
             ho, wo = output_size(h, k, s, p), output_size(w, k, s, p)
             xpad = self.workspace("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, zero_border=p)
-            xpad[:, p:p + h, p:p + w] = x
+            copy_images(xp, xpad[:, p:p + h, p:p + w], x)
             cols = self.workspace("cols", (n * ho * wo, k * k * c), x.dtype)
-            cols.reshape(n, ho, wo, k, k, c)[...] = self._window_view(xpad, 0, n, ho, wo, s)
+            copy_images(xp, cols.reshape(n, ho, wo, k, k, c), self._window_view(xpad, 0, n, ho, wo, s))
             shape = (n * ho * wo, self.c_out)
             y = self.workspace("y", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
             xp.matmul(cols, wmat, out=y)
@@ -250,10 +323,7 @@ class ConvBlock(Workspace, Sequential):
             mean = kernels.channel_sum(xp, y) / m
             var = kernels.channel_sq_dev(xp, y, mean) / m
         elif train:
-            mean = bn.channel_sum(y) / m
-            yc = y - mean
-            var = bn.channel_sum(yc, yc) / m
-            del yc
+            mean, var = batch_stats(xp, y)
         if train:   # the running statistics are kept for conv(x) + bias, as in PyTorch
             bn.update_running(sign * mean + (b if b is not None else 0), var, m)
         else:
@@ -265,25 +335,32 @@ class ConvBlock(Workspace, Sequential):
         if kernels.enabled(xp):                     # pool, first-max index, scale, shift, ReLU: one kernel
             pooled, out, winner = kernels.pool_bn_relu(xp, y, scale, bn.params["bias"] - mean * scale)
         else:
-            views = self._windows(y)
-            pooled = xp.maximum(views[0], views[1])
-            xp.maximum(pooled, views[2], out=pooled)
-            xp.maximum(pooled, views[3], out=pooled)
-            out = pooled * scale
-            out += bn.params["bias"] - mean * scale
-            xp.maximum(out, 0, out=out)
+            n, h, w, c = y.shape
+            pooled = xp.empty((n, h // 2, w // 2, c), dtype=y.dtype)
+            out = xp.empty_like(pooled)
+            shift = bn.params["bias"] - mean * scale
+
+            def pool(n0, n1):
+                views, p, o = self._windows(y[n0:n1]), pooled[n0:n1], out[n0:n1]
+                xp.maximum(views[0], views[1], out=p)
+                xp.maximum(p, views[2], out=p)
+                xp.maximum(p, views[3], out=p)
+                xp.multiply(p, scale, out=o)
+                o += shift
+                xp.maximum(o, 0, out=o)
+            over_images(xp, n, y[0].size, pool)
         self.cache = ConvBlockCache(y, pooled, out, sign, mean, inv_std, m, train, gram, winner)
         return out
 
     def backward(self, dout, need_dx=True):
         xp, bn = self.xp, self.bn
         y, pooled, out, sign, mean, inv_std, m, train, gram, winner = self.cache
-        dz = dout * (out > 0)                               # through the ReLU, on the quarter
-        xhat_pooled = (pooled - mean) * (sign * inv_std)    # the normalised winners
         if kernels.enabled(xp):
+            dz = dout * (out > 0)                               # through the ReLU, on the quarter
+            xhat_pooled = (pooled - mean) * (sign * inv_std)    # the normalised winners
             dbeta, dgamma = kernels.channel_sum(xp, dz), kernels.channel_dot(xp, dz, xhat_pooled)
         else:
-            dbeta, dgamma = bn.channel_sum(dz), bn.channel_sum(dz, xhat_pooled)
+            dz, dbeta, dgamma = self._relu_and_bn_grads(dout, out, pooled, mean, sign * inv_std)
         bn.grads["weight"] += dgamma
         bn.grads["bias"] += dbeta
         # BatchNorm's backward is dy = a*dz_full + coef_xhat*xhat + coef_one, with dz_full zero
@@ -294,22 +371,49 @@ class ConvBlock(Workspace, Sequential):
         coef_one = -a * dbeta / m if train else xp.zeros_like(a)
         dy_per_y = coef_xhat * sign * inv_std
         dy_const = coef_one - dy_per_y * mean
-        a_dz = dz
-        a_dz *= a
         if "bias" in self.conv.params:
             # sum of dy over the batch: a*dbeta + dy_per_y*sum(y') + dy_const*m = a*dbeta + m*coef_one
             self.conv.grads["bias"] += a * dbeta + m * coef_one
         if gram is not None and not need_dx:
-            return self._narrow_weight_grad(a_dz, dy_per_y, dy_const, gram)
+            dz *= a
+            return self._narrow_weight_grad(dz, dy_per_y, dy_const, gram)
         if winner is not None:                      # the kernel path: dy in one kernel
-            return self.conv.conv_backward(kernels.conv_block_dy(xp, y, dy_per_y, dy_const, a_dz, winner), need_dx)
-        dy = y * dy_per_y
-        dy += dy_const
-        buf = self.workspace("winner", a_dz.shape, a_dz.dtype)
-        for hit, dv in zip(self._first_winners(y, pooled), self._windows(dy)):
-            xp.multiply(a_dz, hit, out=buf)
-            dv += buf
-        return self.conv.conv_backward(dy, need_dx)
+            dz *= a
+            return self.conv.conv_backward(kernels.conv_block_dy(xp, y, dy_per_y, dy_const, dz, winner), need_dx)
+        return self.conv.conv_backward(self._dy_in_place(y, pooled, dz, a, dy_per_y, dy_const), need_dx)
+
+    def _relu_and_bn_grads(self, dout, out, pooled, mean, s):
+        """dz = dout through the ReLU (N, H/2, W/2, C), and BatchNorm's dbeta = sum dz and
+        dgamma = sum dz * xhat with xhat = (pooled - mean) * s, in one pass of blocks."""
+        xp, c = self.xp, dout.shape[-1]
+        dz = xp.empty_like(dout)
+
+        def part(n0, n1):
+            d = dz[n0:n1]
+            xp.multiply(dout[n0:n1], out[n0:n1] > 0, out=d)
+            d3 = d.reshape(n1 - n0, -1, c)
+            xhat = ((pooled[n0:n1] - mean) * s).reshape(d3.shape)
+            return xp.einsum("nij->nj", d3), xp.einsum("nij,nij->nj", d3, xhat)
+        parts = over_images(xp, len(dout), dout[0].size, part)
+        return dz, per_image_sums(xp, [p[0] for p in parts]), per_image_sums(xp, [p[1] for p in parts])
+
+    def _dy_in_place(self, y, pooled, dz, a, dy_per_y, dy_const):
+        """dL/dy' = dy_per_y*y' + dy_const everywhere, plus a*dz at each window's first winner,
+        written over y' (the convolution's output, in this layer's scratch: the next forward
+        overwrites it anyway), block by block: each block's winners are found before its y'
+        is overwritten."""
+        xp = self.xp
+
+        def part(n0, n1):
+            yb = y[n0:n1]
+            hits = list(self._first_winners(yb, pooled[n0:n1]))
+            xp.multiply(yb, dy_per_y, out=yb)
+            yb += dy_const
+            a_dz = dz[n0:n1] * a
+            for hit, dv in zip(hits, self._windows(yb)):
+                dv += a_dz * hit
+        over_images(xp, len(y), y[0].size, part)
+        return y
 
     def _first_winners(self, y, pooled):
         """For each window position in order, where it holds the first element equal to pooled."""
@@ -334,13 +438,48 @@ class ConvBlock(Workspace, Sequential):
         ho, wo = h // 2, w // 2
         cols4 = cols.reshape(n, h, w, kk)
         dw = (gw * dy_per_y + colsum[:, None] * dy_const).astype(cols.dtype)     # (K, C_out)
-        buf = self.workspace("winner", a_dz.shape, a_dz.dtype)
-        positions = [cols4[:, i:2 * ho:2, j:2 * wo:2] for i in range(2) for j in range(2)]
-        for hit, cq in zip(self._first_winners(self.cache.y, self.cache.pooled), positions):
-            xp.multiply(a_dz, hit, out=buf)
-            dw += xp.ascontiguousarray(cq).reshape(-1, kk).T @ buf.reshape(-1, buf.shape[-1])
+        # In chunks of images: all threads gather the chunk's four window positions of cols and
+        # a*dz where each position wins (blocks of images each), then one GEMM sums their products.
+        step = max(1, FastConv2d.CHUNK_FLOATS // (4 * ho * wo * conv.c_out))
+        cols_q = self.workspace("cols_q", (4, min(n, step), ho, wo, kk), cols.dtype)
+        dz_q = self.workspace("dz_q", (4, min(n, step)) + a_dz.shape[1:], a_dz.dtype)
+        for s0 in range(0, n, step):
+            s1 = min(n, s0 + step)
+
+            def part(n0, n1, s0=s0):
+                hits = self._first_winners(self.cache.y[s0 + n0:s0 + n1], self.cache.pooled[s0 + n0:s0 + n1])
+                for q, hit in enumerate(hits):
+                    i, j = divmod(q, 2)
+                    cols_q[q, n0:n1] = cols4[s0 + n0:s0 + n1, i:2 * ho:2, j:2 * wo:2]
+                    xp.multiply(a_dz[s0 + n0:s0 + n1], hit, out=dz_q[q, n0:n1])
+            over_images(xp, s1 - s0, self.cache.y[0].size, part)
+            dw += cols_q[:, :s1 - s0].reshape(-1, kk).T @ dz_q[:, :s1 - s0].reshape(-1, conv.c_out)
         conv.grads["weight"] += dw.reshape(conv.k, conv.k, c, conv.c_out).transpose(3, 2, 0, 1)
         return None
+
+
+def batch_stats(xp, y):
+    """Mean and biased variance per channel of y (N, H, W, C): BatchNorm's batch statistics,
+    summed image by image like BatchNorm2d.channel_sum, with y - mean made a block at a time
+    rather than as a full-size temporary."""
+    y3 = y.reshape(y.shape[0], -1, y.shape[-1])
+    m = y3.shape[0] * y3.shape[1]
+    mean = per_image_sums(xp, over_images(xp, len(y3), y3[0].size, lambda n0, n1: xp.einsum("nij->nj", y3[n0:n1]))) / m
+
+    def squares(n0, n1):
+        yc = y3[n0:n1] - mean
+        return xp.einsum("nij,nij->nj", yc, yc)
+    return mean, per_image_sums(xp, over_images(xp, len(y3), y3[0].size, squares)) / m
+
+
+def channel_sums(xp, a, b=None):
+    """BatchNorm2d.channel_sum (sum over N, H, W per channel of a, or of a * b; a, b (N, ..., C)),
+    block by block on all threads."""
+    a3 = a.reshape(a.shape[0], -1, a.shape[-1])
+    b3 = None if b is None else b.reshape(a3.shape)
+    part = ((lambda n0, n1: xp.einsum("nij->nj", a3[n0:n1])) if b is None else
+            (lambda n0, n1: xp.einsum("nij,nij->nj", a3[n0:n1], b3[n0:n1])))
+    return per_image_sums(xp, over_images(xp, len(a3), a3[0].size, part))
 
 
 def normalise_in_place(bn, y, train):
@@ -348,48 +487,53 @@ def normalise_in_place(bn, y, train):
     convolution's fresh output). Returns (xhat, inv_std)."""
     xp = bn.xp
     m = y.size // bn.c
+    mean = channel_sums(xp, y) / m if train else bn.buffers["running_mean"]
+
+    def center(n0, n1):             # y -= mean, and (training) the per-image sums of its squares
+        yb = y[n0:n1]
+        yb -= mean
+        return xp.einsum("nij,nij->nj", *[yb.reshape(n1 - n0, -1, bn.c)] * 2) if train else None
+    squares = over_images(xp, len(y), y[0].size, center)
     if train:
-        mean = bn.channel_sum(y) / m
-        xp.subtract(y, mean, out=y)
-        var = bn.channel_sum(y, y) / m
+        var = per_image_sums(xp, squares) / m
         bn.update_running(mean, var, m)
     else:
         var = bn.buffers["running_var"]
-        xp.subtract(y, bn.buffers["running_mean"], out=y)
     inv_std = 1.0 / xp.sqrt(var + bn.eps)
-    y *= inv_std
+    over_images(xp, len(y), y[0].size, lambda n0, n1: xp.multiply(y[n0:n1], inv_std, out=y[n0:n1]))
     return y, inv_std
 
 
 def batchnorm_input_grad(bn, dout, xhat, inv_std, train, in_place=False):
     """BatchNorm2d.backward for the given cache values; accumulates dgamma, dbeta. ``in_place``:
     dout becomes dx (for a caller that owns dout)."""
-    if kernels.enabled(bn.xp):       # three CUDA kernels (kernels.py); dout is left alone
+    xp = bn.xp
+    if kernels.enabled(xp):          # three CUDA kernels (kernels.py); dout is left alone
         m = dout.size // bn.c
-        dbeta = kernels.channel_sum(bn.xp, dout)
-        dgamma = kernels.channel_dot(bn.xp, dout, xhat)
+        dbeta = kernels.channel_sum(xp, dout)
+        dgamma = kernels.channel_dot(xp, dout, xhat)
         bn.grads["weight"] += dgamma
         bn.grads["bias"] += dbeta
         a = bn.params["weight"] * inv_std
         if not train:
             return dout * a
-        return kernels.bn_backward(bn.xp, dout, xhat, a, dbeta / m, dgamma / m)
-    dbeta = bn.channel_sum(dout)
-    dgamma = bn.channel_sum(dout, xhat)
+        return kernels.bn_backward(xp, dout, xhat, a, dbeta / m, dgamma / m)
+    dbeta = channel_sums(xp, dout)
+    dgamma = channel_sums(xp, dout, xhat)
     bn.grads["weight"] += dgamma
     bn.grads["bias"] += dbeta
     a = bn.params["weight"] * inv_std
-    if not train:
-        return bn.xp.multiply(dout, a, out=dout if in_place else None)
     m = dout.size // bn.c
-    if in_place:
-        dx = dout
-        dx *= a
-        dx += xhat * (-a * dgamma / m)
-    else:
-        dx = xhat * (-a * dgamma / m)
-        dx += dout * a
-    dx -= a * dbeta / m
+    coef_xhat, coef_one = (-a * dgamma / m, -a * dbeta / m) if train else (None, None)
+    dx = dout if in_place else xp.empty_like(dout)
+
+    def part(n0, n1):               # dx = a*dout + coef_xhat*xhat + coef_one (training)
+        d = dx[n0:n1]
+        xp.multiply(dout[n0:n1], a, out=d)
+        if train:
+            d += xhat[n0:n1] * coef_xhat
+            d += coef_one
+    over_images(xp, len(dout), dout[0].size, part)
     return dx
 
 
@@ -404,12 +548,18 @@ class FastBasicBlock(BasicBlock):
         """relu(bn(y) [+ residual]), normalising y in place (the convolution's fresh output)."""
         if kernels.enabled(self.xp):
             return self._bn_relu_kernels(bn, y, train, residual)
+        xp = self.xp
         xhat, inv_std = normalise_in_place(bn, y, train)
-        out = xhat * bn.params["weight"]
-        out += bn.params["bias"]
-        if residual is not None:
-            out += residual
-        self.xp.maximum(out, 0, out=out)
+        out = xp.empty_like(xhat)
+
+        def part(n0, n1):
+            o = out[n0:n1]
+            xp.multiply(xhat[n0:n1], bn.params["weight"], out=o)
+            o += bn.params["bias"]
+            if residual is not None:
+                o += residual[n0:n1]
+            xp.maximum(o, 0, out=o)
+        over_images(xp, len(out), out[0].size, part)
         return out, xhat, inv_std
 
     def _bn_relu_kernels(self, bn, y, train, residual):
@@ -434,10 +584,13 @@ class FastBasicBlock(BasicBlock):
         return out
 
     def backward(self, dout, need_dx=True):
+        xp = self.xp
         h, xhat1, inv1, out, xhat2, inv2, train = self.cache
-        d = dout * (out > 0)              # through the last ReLU; the sum sends d to both branches
+        d = xp.empty_like(dout)           # through the last ReLU; the sum sends d to both branches
+        over_images(xp, len(d), d[0].size, lambda n0, n1: xp.multiply(dout[n0:n1], out[n0:n1] > 0, out=d[n0:n1]))
         dh = self.conv2.backward(batchnorm_input_grad(self.bn2, d, xhat2, inv2, train))   # d is still needed
-        dh *= h > 0                       # dh is the convolution's fresh output: ours to overwrite
+        # dh is the convolution's fresh output: ours to overwrite
+        over_images(xp, len(dh), dh[0].size, lambda n0, n1: xp.multiply(dh[n0:n1], h[n0:n1] > 0, out=dh[n0:n1]))
         dx = self.conv1.backward(batchnorm_input_grad(self.bn1, dh, xhat1, inv1, train, in_place=True), need_dx)
         d_short = self.shortcut.backward(d, need_dx)
         if not need_dx:

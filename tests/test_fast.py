@@ -8,6 +8,18 @@ from scratchproto import layers as L
 F64 = np.float64
 
 
+@pytest.fixture(autouse=True, params=["1 thread", "3 threads, 1-image blocks"])
+def threads(request, monkeypatch):
+    """Every test twice: as on a one-core machine, and with the passes outside the GEMMs split
+    among three threads in blocks of one image (the test arrays are far below a real block)."""
+    if request.param != "1 thread":
+        monkeypatch.setattr(fast, "THREADS", 3)
+        monkeypatch.setattr(fast, "BLOCK_FLOATS", 1)
+    else:
+        monkeypatch.setattr(fast, "THREADS", 1)
+    return request.param
+
+
 def _copy_params(src, dst):
     for (_, a), (_, b) in zip(src.named_modules(), dst.named_modules()):
         for k in a.params:
@@ -130,9 +142,11 @@ def test_conv_block_gradients():
         _check_input_gradient(quick, x, train, seed=8)
 
 
-def test_narrow_block_weight_gradient_without_dy():
+@pytest.mark.parametrize("chunk_floats", [1 << 21, 300])   # one chunk of images; one per image
+def test_narrow_block_weight_gradient_without_dy(monkeypatch, chunk_floats):
     """The first block (1 input channel) in training, as the trainer runs it (need_dx=False):
     its weight gradient comes from the Gram matrix and the winners, without the full-size dy."""
+    monkeypatch.setattr(fast.FastConv2d, "CHUNK_FLOATS", chunk_floats)
     plain, quick = _blocks(np, 1, 10)
     x = (np.random.default_rng(11).random((3, 10, 10, 1)) > 0.7).astype(F64)   # binary: ties
     plain.zero_grad(); quick.zero_grad()
@@ -185,3 +199,31 @@ def test_one_im2col_scratch_buffer_for_all_layers():
     chunk_b = b.shared_workspace((5, 2), F64)
     assert np.shares_memory(chunk_a, chunk_b)
     assert "cols_chunk" not in a.__dict__.get("_workspace", {})
+
+
+def test_threads_and_blocks_give_the_same_bits(monkeypatch):
+    """The float32 ConvNet, forward and backward: one thread with the default blocks and three
+    threads with small blocks agree to the last bit (each block's numbers do not depend on who
+    computes them, or on the block's size)."""
+    from scratchproto.backbones import build_backbone
+    x = (np.random.default_rng(21).random((12, 1, 28, 28)) > 0.85).astype(np.float32)
+    r = np.random.default_rng(22).standard_normal((12, 64)).astype(np.float32)
+    results = []
+    for threads, block in ((1, 1 << 18), (3, 700)):
+        monkeypatch.setattr(fast, "THREADS", threads)
+        monkeypatch.setattr(fast, "BLOCK_FLOATS", block)
+        net = build_backbone("convnet", seed=3)
+        net.zero_grad()
+        out = net.forward(x, True)
+        net.backward(r, need_dx=False)
+        results.append((out.copy(), backend.to_host(net.flat_grads).copy()))
+    assert np.array_equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1])
+
+
+def test_over_images_covers_every_image_once_in_order(monkeypatch):
+    monkeypatch.setattr(fast, "THREADS", 3)
+    monkeypatch.setattr(fast, "BLOCK_FLOATS", 10)
+    seen = fast.over_images(np, 23, 4, lambda n0, n1: list(range(n0, n1)))   # blocks of 2 images
+    assert [i for block in seen for i in block] == list(range(23))
+    assert max(len(b) for b in seen) == 2
