@@ -19,8 +19,9 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
   winners. It picks the same winner as PyTorch's relu-then-pool (the first maximum in window
   order), except where float32 rounding ties s*y1 + t == s*y2 + t for y1 != y2, and for a channel
   with gamma exactly 0. For the 1-channel first block (im2col rows 9 wide) the batch statistics
-  and dW follow from the 9 x 9 Gram matrix of the im2col rows, without passes over its 120 MB
-  output.
+  and dW follow from the 9 x 9 Gram matrix of the im2col rows, and on the CPU its 120 MB output
+  is never stored: it is made a few images at a time and pooled at once, keeping each window's
+  winning position (one byte) for the backward pass.
 
 * FastBasicBlock: ResNet-18's residual block with each BatchNorm fused with the ReLU after it
   (and the residual sum before it): the normalisation overwrites the convolution's output instead
@@ -220,22 +221,27 @@ class FastConv2d(Workspace, Conv2d):
         then, like ConvBlock)."""
         wmat = self._wmat() if out_scale is None else self._wmat() * out_scale
         if self.k * self.k * x.shape[3] <= self.NARROW_K:
-            # keep the whole (small) im2col matrix for the backward pass, as Conv2d does
-            xp, k, s, p = self.xp, self.k, self.stride, self.padding
-            n, h, w, c = x.shape
-            ho, wo = output_size(h, k, s, p), output_size(w, k, s, p)
-            xpad = self.workspace("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, zero_border=p)
-            copy_images(xp, xpad[:, p:p + h, p:p + w], x)
-            cols = self.workspace("cols", (n * ho * wo, k * k * c), x.dtype)
-            copy_images(xp, cols.reshape(n, ho, wo, k, k, c), self._window_view(xpad, 0, n, ho, wo, s))
+            cols, (n, ho, wo) = self.narrow_cols(x)
             shape = (n * ho * wo, self.c_out)
-            y = self.workspace("y", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
-            xp.matmul(cols, wmat, out=y)
-            self.cache = NarrowConvCache(cols, x.shape)
+            y = self.workspace("y", shape, x.dtype) if reuse else self.xp.empty(shape, dtype=x.dtype)
+            self.xp.matmul(cols, wmat, out=y)
             return y.reshape(n, ho, wo, self.c_out)
         y, xpad = self._correlate(x, wmat, self.padding, self.stride, "xpad", reuse)
         self.cache = ChunkedConvCache(x.shape, xpad)
         return y
+
+    def narrow_cols(self, x):
+        """The whole im2col matrix (N*Ho*Wo, k*k*C_in) of a narrow input x (N, H, W, C_in), kept
+        for the backward pass as Conv2d keeps it. Returns (cols, (N, Ho, Wo))."""
+        xp, k, s, p = self.xp, self.k, self.stride, self.padding
+        n, h, w, c = x.shape
+        ho, wo = output_size(h, k, s, p), output_size(w, k, s, p)
+        xpad = self.workspace("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, zero_border=p)
+        copy_images(xp, xpad[:, p:p + h, p:p + w], x)
+        cols = self.workspace("cols", (n * ho * wo, k * k * c), x.dtype)
+        copy_images(xp, cols.reshape(n, ho, wo, k, k, c), self._window_view(xpad, 0, n, ho, wo, s))
+        self.cache = NarrowConvCache(cols, x.shape)
+        return cols, (n, ho, wo)
 
     def conv_backward(self, dout, need_dx=True):
         """dL/dy (N, Ho, Wo, C_out) -> dL/dx; adds dL/dW into grads['weight']."""
@@ -304,8 +310,13 @@ class ConvBlock(Workspace, Sequential):
         # Work with y' = sign(gamma) * conv(x), folded into the weights: BatchNorm's scale on y'
         # is then >= 0 everywhere and max-pooling y' is pooling the normalised output.
         sign = xp.where(gamma >= 0, 1, -1).astype(gamma.dtype)
-        y = self.conv.conv(x, out_scale=sign, reuse=True)   # no bias: BatchNorm's mean absorbs it
-        m = y.size // bn.c
+        if self._conv_in_chunks(x):
+            # the narrow first block on the CPU: y' is made and pooled a chunk at a time below
+            cols, (n, ho, wo) = self.conv.narrow_cols(x)
+            y, m = None, cols.shape[0]
+        else:
+            y = self.conv.conv(x, out_scale=sign, reuse=True)   # no bias: BatchNorm's mean absorbs it
+            m = y.size // bn.c
         b = self.conv.params.get("bias")
         gram = None
         if train and isinstance(self.conv.cache, NarrowConvCache) and self.conv.cache.cols.shape[1] <= self.GRAM_MAX_K:
@@ -317,7 +328,8 @@ class ConvBlock(Workspace, Sequential):
             w64 = (self.conv._wmat() * sign).astype(np.float64)
             mean64 = colsum @ w64 / m
             var64 = xp.einsum("ko,kl,lo->o", w64, g, w64) / m - mean64 ** 2
-            mean, var = mean64.astype(y.dtype), var64.astype(y.dtype)
+            dtype = self.conv.cache.cols.dtype
+            mean, var = mean64.astype(dtype), var64.astype(dtype)
             gram = (colsum, g @ w64)
         elif train and kernels.enabled(xp):
             mean = kernels.channel_sum(xp, y) / m
@@ -334,27 +346,70 @@ class ConvBlock(Workspace, Sequential):
         winner = None
         if kernels.enabled(xp):                     # pool, first-max index, scale, shift, ReLU: one kernel
             pooled, out, winner = kernels.pool_bn_relu(xp, y, scale, bn.params["bias"] - mean * scale)
+        elif y is None:
+            pooled, out, winner = self._conv_and_pool_in_chunks(
+                cols, self.conv._wmat() * sign, (n, ho, wo), scale, bn.params["bias"] - mean * scale)
         else:
             n, h, w, c = y.shape
             pooled = xp.empty((n, h // 2, w // 2, c), dtype=y.dtype)
             out = xp.empty_like(pooled)
             shift = bn.params["bias"] - mean * scale
-
-            def pool(n0, n1):
-                views, p, o = self._windows(y[n0:n1]), pooled[n0:n1], out[n0:n1]
-                xp.maximum(views[0], views[1], out=p)
-                xp.maximum(p, views[2], out=p)
-                xp.maximum(p, views[3], out=p)
-                xp.multiply(p, scale, out=o)
-                o += shift
-                xp.maximum(o, 0, out=o)
-            over_images(xp, n, y[0].size, pool)
+            over_images(xp, n, y[0].size, lambda n0, n1: self._pool_block(
+                y[n0:n1], pooled[n0:n1], out[n0:n1], None, scale, shift))
         self.cache = ConvBlockCache(y, pooled, out, sign, mean, inv_std, m, train, gram, winner)
         return out
+
+    def _conv_in_chunks(self, x):
+        """Whether the convolution is made a chunk at a time with the pooling: for a narrow input
+        (the 1-channel first block, whose 120 MB output is mere memory traffic: its GEMM has
+        K = 9) on the CPU. On a GPU a chunk would cost launches, so the whole y' is made."""
+        return (self.xp is np and not kernels.enabled(self.xp)
+                and self.conv.k ** 2 * x.shape[3] <= min(self.GRAM_MAX_K, self.conv.NARROW_K))
+
+    def _pool_block(self, y, pooled, out, winner, scale, shift):
+        """For a block of images: pooled = the max of each 2x2 window of y (N, H, W, C), out =
+        max(scale*pooled + shift, 0) and, where winner is given, the window position (0..3, row
+        major) of the first maximum, as uint8 (ties go to the first, as in MaxPool2d)."""
+        xp, views = self.xp, self._windows(y)
+        xp.maximum(views[0], views[1], out=pooled)
+        xp.maximum(pooled, views[2], out=pooled)
+        xp.maximum(pooled, views[3], out=pooled)
+        if winner is not None:       # the number of leading positions that do not hold the max
+            later = views[0] != pooled
+            winner[...] = later
+            for v in views[1:3]:
+                later &= v != pooled
+                winner += later
+        xp.multiply(pooled, scale, out=out)
+        out += shift
+        xp.maximum(out, 0, out=out)
+
+    def _conv_and_pool_in_chunks(self, cols, wmat, nhw, scale, shift):
+        """y' = cols @ wmat (N, Ho, Wo, C), pooled as _pool_block does, a chunk of images at a time
+        (about 4 MB of y', pooled by all threads while it is still in the cache) so that y' never
+        exists whole. Returns (pooled, out, winner) for all images."""
+        xp, (n, ho, wo), c = self.xp, nhw, wmat.shape[1]
+        shape = (n, ho // 2, wo // 2, c)
+        pooled, out, winner = xp.empty(shape, cols.dtype), xp.empty(shape, cols.dtype), xp.empty(shape, np.uint8)
+        step = max(1, 4 * BLOCK_FLOATS // (ho * wo * c))
+        buf = self.workspace("y_chunk", (min(n, step) * ho * wo, c), cols.dtype)
+        for c0 in range(0, n, step):
+            c1 = min(n, c0 + step)
+            y = buf[:(c1 - c0) * ho * wo]
+            xp.matmul(cols[c0 * ho * wo:c1 * ho * wo], wmat, out=y)
+            y = y.reshape(c1 - c0, ho, wo, c)
+            over_images(xp, c1 - c0, ho * wo * c, lambda n0, n1: self._pool_block(
+                y[n0:n1], pooled[c0 + n0:c0 + n1], out[c0 + n0:c0 + n1], winner[c0 + n0:c0 + n1], scale, shift))
+        return pooled, out, winner
 
     def backward(self, dout, need_dx=True):
         xp, bn = self.xp, self.bn
         y, pooled, out, sign, mean, inv_std, m, train, gram, winner = self.cache
+        if y is None and (need_dx or gram is None):
+            # the chunked first block asked for more than the trainer asks (dx, or an evaluation-
+            # mode backward: gradient checks): make the whole y' after all
+            cols, (n, h, w, _) = self.conv.cache
+            y = (cols @ (self.conv._wmat() * sign)).reshape(n, h, w, -1)
         if kernels.enabled(xp):
             dz = dout * (out > 0)                               # through the ReLU, on the quarter
             xhat_pooled = (pooled - mean) * (sign * inv_std)    # the normalised winners
@@ -377,7 +432,7 @@ class ConvBlock(Workspace, Sequential):
         if gram is not None and not need_dx:
             dz *= a
             return self._narrow_weight_grad(dz, dy_per_y, dy_const, gram)
-        if winner is not None:                      # the kernel path: dy in one kernel
+        if kernels.enabled(xp):                     # the kernel path: dy in one kernel
             dz *= a
             return self.conv.conv_backward(kernels.conv_block_dy(xp, y, dy_per_y, dy_const, dz, winner), need_dx)
         return self.conv.conv_backward(self._dy_in_place(y, pooled, dz, a, dy_per_y, dy_const), need_dx)
@@ -443,16 +498,19 @@ class ConvBlock(Workspace, Sequential):
         step = max(1, FastConv2d.CHUNK_FLOATS // (4 * ho * wo * conv.c_out))
         cols_q = self.workspace("cols_q", (4, min(n, step), ho, wo, kk), cols.dtype)
         dz_q = self.workspace("dz_q", (4, min(n, step)) + a_dz.shape[1:], a_dz.dtype)
+        y, pooled, winner = self.cache.y, self.cache.pooled, self.cache.winner
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
 
             def part(n0, n1, s0=s0):
-                hits = self._first_winners(self.cache.y[s0 + n0:s0 + n1], self.cache.pooled[s0 + n0:s0 + n1])
+                b = slice(s0 + n0, s0 + n1)
+                hits = (self._first_winners(y[b], pooled[b]) if winner is None else
+                        (winner[b] == q for q in range(4)))
                 for q, hit in enumerate(hits):
                     i, j = divmod(q, 2)
                     cols_q[q, n0:n1] = cols4[s0 + n0:s0 + n1, i:2 * ho:2, j:2 * wo:2]
                     xp.multiply(a_dz[s0 + n0:s0 + n1], hit, out=dz_q[q, n0:n1])
-            over_images(xp, s1 - s0, self.cache.y[0].size, part)
+            over_images(xp, s1 - s0, h * w * conv.c_out, part)
             dw += cols_q[:, :s1 - s0].reshape(-1, kk).T @ dz_q[:, :s1 - s0].reshape(-1, conv.c_out)
         conv.grads["weight"] += dw.reshape(conv.k, conv.k, c, conv.c_out).transpose(3, 2, 0, 1)
         return None
