@@ -1,4 +1,5 @@
 """The fast layers (fast.py) against the plain ones (layers.py): same outputs, same gradients."""
+import os
 import numpy as np
 import pytest
 
@@ -226,3 +227,30 @@ def test_over_images_covers_every_image_once_in_order(monkeypatch):
     seen = fast.over_images(np, 23, 4, lambda n0, n1: list(range(n0, n1)))   # blocks of 2 images
     assert [i for block in seen for i in block] == list(range(23))
     assert max(len(b) for b in seen) == 2
+
+
+def test_thread_count_follows_the_environment(monkeypatch):
+    for name in ("SCRATCHPROTO_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    assert fast.cpu_threads() == 1                 # OpenBLAS's workers would spin: stay on one
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
+    assert fast.cpu_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert fast.cpu_threads() == 3
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # a run pinned to one BLAS thread
+    assert fast.cpu_threads() == 1
+    monkeypatch.setenv("SCRATCHPROTO_THREADS", "2")
+    assert fast.cpu_threads() == 2
+    monkeypatch.setenv("SCRATCHPROTO_THREADS", "zero")   # not a count: the next one decides
+    assert fast.cpu_threads() == 1
+
+
+def test_importing_scratchproto_first_sets_the_openblas_timeout():
+    """In a fresh process: set before NumPy loads, left alone when NumPy came first."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    code = "import os{}; import scratchproto; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    first = subprocess.run([sys.executable, "-c", code.format("")], env=env, capture_output=True, text=True)
+    after = subprocess.run([sys.executable, "-c", code.format(", numpy")], env=env, capture_output=True, text=True)
+    assert (first.stdout.strip(), after.stdout.strip()) == ("4", "None")
