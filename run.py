@@ -78,6 +78,11 @@ def parser():
                    help="draw every training episode's classes from one alphabet, as Lake et al.'s "
                         "benchmark tests (default: classes from any alphabet); with --train-split "
                         "background the validation episodes always are, and unrotated, as the benchmark")
+    t.add_argument("--augment", action="store_true",
+                   help="distort every training image by a random affine map (rotation up to 10 "
+                        "degrees, shear up to 0.3, scale 0.8-1.2, shift up to half a pixel, each with "
+                        "probability 1/2), as Koch et al. did on Lake's benchmark; validation and "
+                        "test images are left as they are")
     t.add_argument("--seed", type=int, default=D.seed, help="seeds the weights and every episode (default: %(default)s)")
     t.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/<backbone>-<timestamp>)")
 

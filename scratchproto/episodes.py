@@ -8,6 +8,9 @@ Labels are implied by class order. The paper's settings: training 60-way 5-shot 
 Within-alphabet episodes (``within_alphabet=True``; Lake et al. 2015's benchmark tests this way)
 first draw an alphabet, uniformly among those with at least ``way`` classes in the split, then
 the ``way`` classes from it: telling apart characters of one script is harder than of many.
+
+Augmented episodes (``augment=True``, for training) distort every image by its own random
+affine map, as Koch et al. (2015) did for their Siamese network on Lake's benchmark (``distort``).
 """
 import numpy as np
 
@@ -39,6 +42,38 @@ def draw(rng, n_classes, way, per_class):
     return cls, drawers
 
 
+# Koch et al.'s distortions: each of these applied with probability 1/2, uniformly within its range.
+# Their translation, +-2 pixels of a 105-pixel image, is +-0.53 of a 28-pixel one.
+ROTATE_DEG, SHEAR, SCALE, SHIFT_PX = 10.0, 0.3, (0.8, 1.2), 2 * 28 / 105
+
+
+def distort(images, rng):
+    """Each image (..., 1, 28, 28) moved by a random affine map: rotation, shear, scale (rows and
+    columns apart) and shift, each part applied with probability 1/2 (ranges above), about the
+    image's centre.
+    Nearest-neighbour sampling keeps the binary images binary; pixels from outside are 0."""
+    shape = images.shape
+    flat = images.reshape(-1, shape[-2] * shape[-1])
+    n, size = len(flat), shape[-1]
+    on = rng.random((n, 4)) < 0.5                       # which of the four parts each map has
+    theta = np.deg2rad(rng.uniform(-ROTATE_DEG, ROTATE_DEG, n)) * on[:, 0]
+    shear = rng.uniform(-SHEAR, SHEAR, (n, 2)) * on[:, 1:2]
+    scale = np.where(on[:, 2:3], rng.uniform(*SCALE, (n, 2)), 1.0)
+    shift = rng.uniform(-SHIFT_PX, SHIFT_PX, (n, 2)) * on[:, 3:4]
+    cos, sin = np.cos(theta), np.sin(theta)
+    rot = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)        # (n, 2, 2)
+    shr = np.stack([np.stack([np.ones(n), shear[:, 0]], -1), np.stack([shear[:, 1], np.ones(n)], -1)], -2)
+    a = rot @ shr * scale[:, :, None]                   # (n, 2, 2): output offset -> input offset
+    centre = (size - 1) / 2
+    rows, cols = np.mgrid[:size, :size].reshape(2, -1) - centre                      # (2, P)
+    src = np.einsum("nij,jp->nip", a, np.stack([rows, cols])) + centre + shift[:, :, None]
+    r, c = np.rint(src).astype(np.int64).transpose(1, 0, 2)                          # (n, P) each
+    inside = (r >= 0) & (r < size) & (c >= 0) & (c < size)
+    index = np.clip(r, 0, size - 1) * size + np.clip(c, 0, size - 1)
+    out = np.take_along_axis(flat, index, axis=1) * inside
+    return out.astype(images.dtype).reshape(shape)
+
+
 def alphabet_groups(names):
     """Class indices grouped by alphabet: {alphabet: array of indices into ``names``}."""
     groups = {}
@@ -48,13 +83,15 @@ def alphabet_groups(names):
 
 
 def episodes(ds, split, way=60, shot=5, query=5, n=100, seed=0, device="cpu", rotations=True,
-             within_alphabet=False, flags=""):
+             within_alphabet=False, augment=False, flags=""):
     """Yield ``n`` episodes (xs, xq) of split ``split`` of Omniglot ``ds``.
 
     xs: (way, shot, 1, 28, 28), xq: (way, query, 1, 28, 28), float32, on ``device`` ('cpu',
     'gpu', 'auto', or an array module). ``seed`` (an int or a sequence of ints) fixes the
     episodes: the same seed gives the same episodes. ``rotations=False``: unrotated characters
-    only; ``within_alphabet``: every episode's classes from one alphabet (module docstring).
+    only; ``within_alphabet``: every episode's classes from one alphabet; ``augment``: every image
+    distorted (module docstring), by a generator of its own, so that the classes and drawers drawn
+    are those of the same seed without it.
     """
     names = ds.classes(split, rotations)
     if within_alphabet:
@@ -71,6 +108,7 @@ def episodes(ds, split, way=60, shot=5, query=5, n=100, seed=0, device="cpu", ro
     xp = device if hasattr(device, "asarray") else backend.get_xp(device)
     rows, rots = np.array([ds.class_index(c) for c in names]).T
     rng = np.random.default_rng(seed)
+    distortions = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0]) if augment else None
     for _ in range(n):
         if within_alphabet:
             group = groups[rng.integers(len(groups))]
@@ -79,5 +117,6 @@ def episodes(ds, split, way=60, shot=5, query=5, n=100, seed=0, device="cpu", ro
         else:
             cls, drawers = draw(rng, len(names), way, shot + query)
         bits = ds.bits[rows[cls][:, None], rots[cls][:, None], drawers]          # (way, s+q, 98)
-        x = xp.asarray(unpack(bits))
+        x = unpack(bits)
+        x = xp.asarray(distort(x, distortions) if augment else x)
         yield x[:, :shot], x[:, shot:]

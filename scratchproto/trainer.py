@@ -56,6 +56,7 @@ class Config:
     train_split: str = "train"          # 'train', 'trainval' (no validation) or 'background'
     rotations: bool = True              # rotated characters as classes (background only)
     within_alphabet: bool = False       # every training episode's classes from one alphabet
+    augment: bool = False               # training images distorted by random affine maps
     data: str = "data/omniglot"
     mirror: str = None
 
@@ -173,7 +174,8 @@ def _episodes(ds, cfg, part, epoch, xp=np):
     within = cfg.within_alphabet if part == "train" else lake_like
     rotations = cfg.rotations and not lake_like
     return episodes(ds, split, way, shot, query, n, seed=[cfg.seed, epoch, 0 if part == "train" else 1],
-                    device=xp, rotations=rotations, within_alphabet=within, flags=f"--{part}-")
+                    device=xp, rotations=rotations, within_alphabet=within,
+                    augment=cfg.augment and part == "train", flags=f"--{part}-")
 
 
 def _check_config(cfg, ds):

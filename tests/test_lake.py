@@ -191,6 +191,14 @@ def test_training_on_the_background_split(omniglot, tmp_path):
         trainer._episodes(omniglot, trainer.Config(), "val", 1)
     # validation as the benchmark is (one alphabet, unrotated); Vinyals validation unchanged
     assert calls == [("background-train", False, False), ("background-val", True, False), ("val", False, True)]
+    # --augment distorts the training images only
+    augmenting = trainer.Config(**{**dataclasses.asdict(mixed), "augment": True})
+    flags = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "episodes", lambda *a, **k: flags.append(k["augment"]) or real(*a, **k))
+        trainer._episodes(omniglot, augmenting, "train", 1)
+        trainer._episodes(omniglot, augmenting, "val", 1)
+    assert flags == [True, False]
     with pytest.raises(sp.UserError, match="--no-rotations goes with --train-split background"):
         trainer.train(trainer.Config(rotations=False), out=tmp_path / "x", progress=False)
     # runs written before train_split existed still resume

@@ -1,4 +1,5 @@
 """The Omniglot data path: download, verification, preprocessing, cache, and the episode sampler."""
+import importlib
 import io
 import shutil
 import time
@@ -220,6 +221,57 @@ def test_episodes_shapes_content_and_determinism(omniglot):
     other = list(sp.episodes(omniglot, "val", way=7, shot=3, query=4, n=3, seed=6))
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(eps, again))
     assert not np.array_equal(eps[0][0], other[0][0])
+
+
+class _FixedDraws:
+    """A stand-in generator for distort: random() says which parts are on, uniform() returns the
+    top of each range."""
+
+    def __init__(self, parts_on):
+        self.parts_on = parts_on
+
+    def random(self, shape):
+        return np.where(np.isin(np.arange(shape[1]), self.parts_on), 0.0, 1.0) * np.ones(shape)
+
+    def uniform(self, low, high, size):
+        return np.full(size, high, dtype=float)
+
+
+def test_distort_known_maps():
+    from scratchproto.episodes import distort
+    img = (np.random.default_rng(3).random((4, 1, 28, 28)) > 0.7).astype(np.float32)
+    np.testing.assert_array_equal(distort(img, _FixedDraws([])), img)          # nothing on: identity
+    # the shift alone, +0.53 pixel in rows and columns: every output pixel reads the input one
+    # row down and one column right (nearest neighbour); the last row and column read outside
+    moved = distort(img, _FixedDraws([3]))
+    np.testing.assert_array_equal(moved[..., :-1, :-1], img[..., 1:, 1:])
+    assert not moved[..., -1, :].any() and not moved[..., :, -1].any()
+    # scale 1.2 alone: a zoom out about the centre; the centre pixel stays where it is
+    centre = np.zeros((1, 1, 28, 28), np.float32)
+    centre[..., 13:15, 13:15] = 1
+    assert distort(centre, _FixedDraws([2]))[..., 13:15, 13:15].all()
+
+
+def test_distort_random_maps_stay_binary_and_differ():
+    from scratchproto.episodes import distort
+    img = (np.random.default_rng(4).random((200, 1, 28, 28)) > 0.7).astype(np.float32)
+    out = distort(img, np.random.default_rng(5))
+    assert out.shape == img.shape and out.dtype == img.dtype and set(np.unique(out)) <= {0.0, 1.0}
+    changed = (out != img).any(axis=(1, 2, 3))
+    # 1/16 of the maps have no part on, and a map of a shift alone (1/16) moves no pixel unless
+    # the shift passes half a pixel (6% of them): about 12% leave the image as it is, not many more
+    assert 0.8 < changed.mean() < 1
+    np.testing.assert_array_equal(distort(img, np.random.default_rng(5)), out)   # seeded
+
+
+def test_augmented_episodes_draw_the_same_classes_and_drawers(omniglot, monkeypatch):
+    ep = importlib.import_module("scratchproto.episodes")     # (the package exports the function)
+    plain = list(sp.episodes(omniglot, "val", way=5, shot=2, query=3, n=2, seed=7))
+    augmented = list(sp.episodes(omniglot, "val", way=5, shot=2, query=3, n=2, seed=7, augment=True))
+    assert not np.array_equal(plain[0][0], augmented[0][0])
+    monkeypatch.setattr(ep, "distort", lambda x, rng: x)       # undo the distortion: the same draws
+    undone = list(sp.episodes(omniglot, "val", way=5, shot=2, query=3, n=2, seed=7, augment=True))
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(plain, undone))
 
 
 @pytest.mark.parametrize("kwargs,message", [
