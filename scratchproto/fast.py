@@ -101,7 +101,7 @@ def cpu_threads():
 
 THREADS = cpu_threads()
 BLOCK_FLOATS = 1 << 18      # about 1 MB of float32 per block: within a core's L2 cache
-_pool = None                # THREADS - 1 worker threads, made on first use; the caller is the last
+_pool = None                # (workers, executor): THREADS - 1 threads, made on first use; the caller is the last
 
 
 def over_images(xp, n, per_image, fn):
@@ -121,12 +121,12 @@ def over_images(xp, n, per_image, fn):
     parts = min(THREADS, len(blocks))
     if parts <= 1:
         return [fn(n0, n1) for n0, n1 in blocks]
-    if _pool is None or _pool._max_workers < parts - 1:
+    if _pool is None or _pool[0] < parts - 1:
         backend.keep_freed_memory()     # else each worker's temporaries are page-faulted in anew
-        _pool = ThreadPoolExecutor(THREADS - 1, thread_name_prefix="scratchproto")
+        _pool = (THREADS - 1, ThreadPoolExecutor(THREADS - 1, thread_name_prefix="scratchproto"))
     runs = [blocks[len(blocks) * i // parts:len(blocks) * (i + 1) // parts] for i in range(parts)]
     walk = lambda run: [fn(n0, n1) for n0, n1 in run]       # noqa: E731
-    futures = [_pool.submit(walk, run) for run in runs[1:]]
+    futures = [_pool[1].submit(walk, run) for run in runs[1:]]
     results = walk(runs[0])
     for f in futures:
         results += f.result()
