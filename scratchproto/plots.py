@@ -231,6 +231,13 @@ def plot_sweep(run_dirs, out_dir=None, epoch=None):
     return out, rows
 
 
+def lake_label(path):
+    """A --lake evaluation's name in tables and legends: its file name, or for a run folder's own
+    eval_lake.json, the folder's (results/lake/bg-mixed/eval_lake.json -> bg-mixed)."""
+    path = pathlib.Path(path)
+    return path.parent.name if path.stem == "eval_lake" else path.stem
+
+
 def lake_table(paths):
     """A Markdown table of --lake evaluations (eval_lake.json files), the errors published by Lake
     et al. 2015 below."""
@@ -240,7 +247,7 @@ def lake_table(paths):
         r = files.read_json(path, "--lake evaluation")
         unseen = r["mean_error_unseen"]
         n = sum(not x["seen_in_training"] for x in r["runs"])
-        lines.append(f"| {pathlib.Path(path).stem} | {r['epoch']} | {100 * r['mean_error']:.2f}% | "
+        lines.append(f"| {lake_label(path)} | {r['epoch']} | {100 * r['mean_error']:.2f}% | "
                      + (f"{100 * unseen:.2f}% ({n} runs) |" if unseen is not None else "(none) |"))
     lines += [f"| published: {name} | | {err:.1f}% | |" for name, err in PUBLISHED.items()]
     return "\n".join(lines)
@@ -262,7 +269,7 @@ def plot_lake(paths, out=None):
     for i, (path, r) in enumerate(zip(paths, results)):
         x = [j + (i - (len(results) - 1) / 2) * width for j in range(len(runs))]
         ax.bar(x, [100 * row["error"] for row in r["runs"]], width,
-               label=f"{pathlib.Path(path).stem}: mean {100 * r['mean_error']:.2f}%")
+               label=f"{lake_label(path)}: mean {100 * r['mean_error']:.2f}%")
     seen = [j for j, row in enumerate(results[0]["runs"]) if any(r["runs"][j]["seen_in_training"] for r in results)]
     for j in seen:
         ax.axvspan(j - 0.45, j + 0.45, color="0.9", zorder=0)
