@@ -34,8 +34,9 @@ def fake_episode(xp, way, shot, query, seed=0):
     return xp.asarray(xs), xp.asarray(xq)
 
 
-def instrument(net, xp, totals):
-    """Wrap each layer's forward/backward to add its wall time into totals[(kind, direction)].
+def instrument(net, xp, totals, by_layer=False):
+    """Wrap each layer's forward/backward to add its wall time into totals[(kind, direction)]
+    (``by_layer``: one entry per layer, its kind followed by its name, e.g. 'ConvBlock encoder.0').
 
     A fused ConvBlock counts as one layer; its convolution's GEMM part is shown on its own too
     ('conv core'), as are the convolutions of the plain layers.
@@ -44,7 +45,7 @@ def instrument(net, xp, totals):
     leaf_kinds = (layers.Conv2d, layers.BatchNorm2d, layers.ReLU, layers.MaxPool2d, layers.AvgPool2d,
                   layers.Flatten, layers.RepeatChannels, fast.ConvBlock)
     seen = set()
-    for _, m in net.encoder.named_modules():
+    for name, m in net.encoder.named_modules("encoder"):
         found = [m] + [v for v in vars(m).values() if isinstance(v, layers.Module)]
         for layer in found:
             if id(layer) in seen or not isinstance(layer, leaf_kinds):
@@ -54,6 +55,7 @@ def instrument(net, xp, totals):
             for method in methods:
                 orig = getattr(layer, method)
                 kind = type(layer).__name__ + (" core" if method.startswith("conv") else "")
+                kind += f" {name}" if by_layer else ""
                 direction = "backward" if "backward" in method else "forward"
 
                 def timed(*a, _orig=orig, _key=(kind, direction), **k):
@@ -76,6 +78,7 @@ def main():
     p.add_argument("--query", type=int, default=5)
     p.add_argument("--episodes", type=int, default=10, help="timed episodes after 2 warm-up ones")
     p.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
+    p.add_argument("--by-layer", action="store_true", help="the breakdown per layer, not per kind of layer")
     p.add_argument("--tf32", action="store_true", help="on a GPU, TF32 tensor cores for float32 products")
     p.add_argument("--log2-chunk", type=int, metavar="N",
                    help="im2col chunks of 2**N floats (FastConv2d.CHUNK_FLOATS and GPU_CHUNK_FLOATS; "
@@ -122,7 +125,7 @@ def main():
 
     # one instrumented episode: per layer type, and the parts outside the backbone
     totals = collections.defaultdict(float)
-    instrument(net, xp, totals)
+    instrument(net, xp, totals, a.by_layer)
     t = time.perf_counter()
     z = net.forward(xp.concatenate([xs.reshape(-1, 1, 28, 28), xq.reshape(-1, 1, 28, 28)]))
     backend.synchronize(xp)
