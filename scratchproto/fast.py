@@ -105,7 +105,8 @@ _pool = None                # (workers, executor): THREADS - 1 threads, made on 
 
 
 def over_images(xp, n, per_image, fn):
-    """[fn(n0, n1) for consecutive blocks of images n0..n1 covering 0..n], in order.
+    """[fn(n0, n1) for consecutive blocks of images n0..n1 covering 0..n], in order (images, or
+    any first axis: Adam steps the flat parameter arrays with per_image = 1).
 
     A block holds about BLOCK_FLOATS / per_image images (per_image: floats per image of the
     largest array fn touches). On NumPy the blocks are dealt out in THREADS contiguous runs, one

@@ -2,6 +2,7 @@
 import numpy as np
 
 from . import backend
+from .fast import over_images
 
 
 class Adam:
@@ -40,7 +41,11 @@ class Adam:
         step_size = self.lr / (1 - b1 ** self.t)
         sqrt_bc2 = np.sqrt(1 - b2 ** self.t)
         if self.flat:
-            self._update(self.net.flat_params, self.net.flat_grads, self.m_flat, self.v_flat, step_size, sqrt_bc2)
+            # a block of about 1 MB of each flat array at a time, on every thread: the update's
+            # temporaries stay in the cache (ResNet-18's 11 M parameters: 45 MB per array)
+            p, g, m, v = self.net.flat_params, self.net.flat_grads, self.m_flat, self.v_flat
+            over_images(self.net.xp, p.size, 1, lambda i0, i1: self._update(
+                p[i0:i1], g[i0:i1], m[i0:i1], v[i0:i1], step_size, sqrt_bc2))
         else:
             for name, p, g in self.net.named_parameters():
                 self._update(p, g, self.m[name], self.v[name], step_size, sqrt_bc2)

@@ -182,9 +182,14 @@ def test_adam_state_round_trip():
         opt2.load_state_dict({"t": 1, "lr": 0.1})
 
 
-def test_flat_parameters_are_the_layers_own_and_adam_is_the_same_either_way():
+@pytest.mark.parametrize("threads", [1, 3])
+def test_flat_parameters_are_the_layers_own_and_adam_is_the_same_either_way(monkeypatch, threads):
     """Parameters and gradients live in two flat arrays whose views the layers hold; Adam's
-    whole-array step gives the per-parameter step's numbers to the last bit."""
+    whole-array step (in blocks, on one thread or three) gives the per-parameter step's numbers
+    to the last bit."""
+    from scratchproto import fast
+    monkeypatch.setattr(fast, "THREADS", threads)
+    monkeypatch.setattr(fast, "BLOCK_FLOATS", 100)        # the small net's 516 parameters: 6 blocks
     net = sp.build_backbone("resnet18", seed=3)
     for _, m in net.encoder.named_modules():
         for k in m.params:
