@@ -325,7 +325,7 @@ class ConvBlock(Workspace, Sequential):
             # batch statistics follow from the K x K Gram matrix of cols without a pass over y'
             # (mean = colsum @ W' / m, E[y'^2] = diag(W'^T G W') / m), in float64 to keep them exact
             c64 = self.conv.cache.cols.astype(np.float64)
-            colsum, g = c64.sum(axis=0), c64.T @ c64
+            colsum, g = xp.ones(len(c64)) @ c64, c64.T @ c64      # (a product: sum(axis=0) over 9 columns crawls)
             w64 = (self.conv._wmat() * sign).astype(np.float64)
             mean64 = colsum @ w64 / m
             var64 = xp.einsum("ko,kl,lo->o", w64, g, w64) / m - mean64 ** 2
