@@ -344,17 +344,16 @@ class ConvBlock(Workspace, Sequential):
             var = bn.buffers["running_var"]
         inv_std = 1.0 / xp.sqrt(var + bn.eps)
         scale = gamma * sign * inv_std              # = |gamma| / sigma >= 0
+        shift = bn.params["bias"] - mean * scale
         winner = None
         if kernels.enabled(xp):                     # pool, first-max index, scale, shift, ReLU: one kernel
-            pooled, out, winner = kernels.pool_bn_relu(xp, y, scale, bn.params["bias"] - mean * scale)
+            pooled, out, winner = kernels.pool_bn_relu(xp, y, scale, shift)
         elif y is None:
-            pooled, out, winner = self._conv_and_pool_in_chunks(
-                cols, self.conv._wmat() * sign, (n, ho, wo), scale, bn.params["bias"] - mean * scale)
+            pooled, out, winner = self._conv_and_pool_in_chunks(cols, self.conv._wmat() * sign, (n, ho, wo), scale, shift)
         else:
             n, h, w, c = y.shape
             pooled = xp.empty((n, h // 2, w // 2, c), dtype=y.dtype)
             out = xp.empty_like(pooled)
-            shift = bn.params["bias"] - mean * scale
             over_images(xp, n, y[0].size, lambda n0, n1: self._pool_block(
                 y[n0:n1], pooled[n0:n1], out[n0:n1], None, scale, shift))
         self.cache = ConvBlockCache(y, pooled, out, sign, mean, inv_std, m, train, gram, winner)
@@ -523,7 +522,7 @@ def batch_stats(xp, y):
     rather than as a full-size temporary."""
     y3 = y.reshape(y.shape[0], -1, y.shape[-1])
     m = y3.shape[0] * y3.shape[1]
-    mean = per_image_sums(xp, over_images(xp, len(y3), y3[0].size, lambda n0, n1: xp.einsum("nij->nj", y3[n0:n1]))) / m
+    mean = channel_sums(xp, y3) / m
 
     def squares(n0, n1):
         yc = y3[n0:n1] - mean
