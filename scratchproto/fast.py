@@ -7,7 +7,9 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
   the k*k-times-larger im2col matrix (271 MB for the second ConvNet block) is never stored whole,
   and its buffer (about 8 MB) is reused rather than allocated (and page-faulted) on every call.
   The input gradient of a stride-1 convolution is the correlation of dy with the flipped kernel,
-  computed by the same machinery instead of scattering dcols back (col2im).
+  computed by the same machinery instead of scattering dcols back (col2im), and the weight
+  gradient is read off the same im2col chunks (of the padded dy) times x, so the backward pass
+  builds one im2col matrix, not two.
 
 * ConvBlock: a ConvNet block, conv -> BatchNorm -> ReLU -> 2x2 max-pool, fused. Max-pooling
   commutes with the ReLU and with BatchNorm's per-channel affine map y -> s*y + t where s >= 0;
@@ -49,7 +51,7 @@ from .layers import BasicBlock, Conv2d, MaxPool2d, ReLU, Sequential, col2im, out
 
 # What the fast layers keep for their backward passes, by name.
 NarrowConvCache = namedtuple("NarrowConvCache", "cols x_shape")      # the whole (small) im2col matrix
-ChunkedConvCache = namedtuple("ChunkedConvCache", "x_shape xpad")     # the padded input: chunks are rebuilt
+ChunkedConvCache = namedtuple("ChunkedConvCache", "x_shape xpad")     # the padded input: im2col chunks are made anew
 ConvBlockCache = namedtuple("ConvBlockCache", "y pooled out sign mean inv_std m train gram winner")
 FastBasicBlockCache = namedtuple("FastBasicBlockCache", "h xhat1 inv_std1 out xhat2 inv_std2 train")
 
@@ -150,19 +152,23 @@ def copy_images(xp, dst, src):
 class FastConv2d(Workspace, Conv2d):
     """Conv2d whose im2col matrix never exists whole: it is built chunk by chunk of images, each
     chunk with one copy from a strided window view of the padded input, used for its GEMM and
-    dropped; the backward pass rebuilds each chunk for dW, and gets dx as a correlation of dy
-    with the flipped kernel (stride 1) or by scattering dcols chunk by chunk (col2im).
+    dropped. The backward pass of a stride-1 convolution gets dx as a correlation of dy with the
+    flipped kernel, and dW from the same im2col chunks (of the padded dy) times x; otherwise it
+    rebuilds each chunk of x for dW and scatters dcols chunk by chunk for dx (col2im).
 
     Same math as Conv2d (any k, stride, padding). Where k*k*C_in is small (the 1-channel first
     layer: 9) the whole matrix is small too, and it is kept for the backward pass as Conv2d does.
     """
 
-    # On a CPU, about 8 MB of im2col rows per chunk: each GEMM is still large (Python's overhead
-    # per call is negligible) and runs as fast as with 32 MB chunks (benchmarks/conv_chunks.py),
-    # while the buffers stay small (ResNet-18's 20-way episode peaks ~200 MB lower than with 32 MB
-    # chunks). On a GPU every chunk costs kernel launches and small GEMMs leave most of the chip
-    # idle, so chunks are 32 times larger (a whole layer of a 60-way episode in one or two).
-    CHUNK_FLOATS = 1 << 21
+    # On a CPU, about 4 MB of im2col rows per chunk, so that a chunk is still in the cache for
+    # the backward pass's second GEMM, but at least CHUNK_MIN_ROWS rows: a GEMM with fewer rows
+    # than that runs slower (ResNet-18's 512-channel layers, whose rows are 4608 floats wide;
+    # benchmarks/README.md). The buffers stay small (ResNet-18's 20-way episode peaks ~200 MB
+    # lower than with 32 MB chunks). On a GPU every chunk costs kernel launches and small GEMMs
+    # leave most of the chip idle, so chunks are 64 times larger (a whole layer of a 60-way
+    # episode in one or two).
+    CHUNK_FLOATS = 1 << 20
+    CHUNK_MIN_ROWS = 512
     GPU_CHUNK_FLOATS = 1 << 26
     NARROW_K = 32                 # k*k*C_in up to this: plain im2col
 
@@ -175,8 +181,10 @@ class FastConv2d(Workspace, Conv2d):
 
     def _chunks(self, n, ho, wo, c):
         per_image = ho * wo * self.k * self.k * c
-        limit = self.CHUNK_FLOATS if self.xp is np else self.GPU_CHUNK_FLOATS
-        step = max(1, limit // per_image)
+        if self.xp is np:
+            step = max(1, self.CHUNK_FLOATS // per_image, -(-self.CHUNK_MIN_ROWS // (ho * wo)))
+        else:
+            step = max(1, self.GPU_CHUNK_FLOATS // per_image)
         return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
 
     def _cols(self, xpad, n0, n1, ho, wo, stride, step):
@@ -187,9 +195,12 @@ class FastConv2d(Workspace, Conv2d):
                     self._window_view(xpad, n0, n1, ho, wo, stride))
         return cols
 
-    def _correlate(self, x, wmat, pad, stride, name, reuse=False):
+    def _correlate(self, x, wmat, pad, stride, name, reuse=False, rows_of=None):
         """sum over taps of the padded x (N, H, W, C) times wmat (k*k*C, C_out), chunk by chunk.
-        Returns (y (N, Ho, Wo, C_out), the padded x, which is a workspace named name)."""
+        Returns (y (N, Ho, Wo, C_out), the padded x, which is a workspace named name).
+
+        ``rows_of``: an array (N, Ho, Wo, C') (any strides) whose rows R also meet each chunk of
+        im2col rows: then also returns R^T cols (C', k*k*C), summed over the chunks."""
         xp, k = self.xp, self.k
         n, h, w, c = x.shape
         ho, wo = output_size(h, k, stride, pad), output_size(w, k, stride, pad)
@@ -198,10 +209,16 @@ class FastConv2d(Workspace, Conv2d):
         shape = (n * ho * wo, wmat.shape[1])
         y = self.workspace(name + "_out", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
         chunks = self._chunks(n, ho, wo, c)
+        rt_cols = None if rows_of is None else xp.zeros((rows_of.shape[3], k * k * c), dtype=x.dtype)
         for n0, n1 in chunks:
-            xp.matmul(self._cols(xpad, n0, n1, ho, wo, stride, chunks[0][1]), wmat,
-                      out=y[n0 * ho * wo:n1 * ho * wo])
-        return y.reshape(n, ho, wo, -1), xpad
+            cols = self._cols(xpad, n0, n1, ho, wo, stride, chunks[0][1])
+            xp.matmul(cols, wmat, out=y[n0 * ho * wo:n1 * ho * wo])
+            if rows_of is not None:     # while the chunk is still in the cache
+                rows = self.workspace("rows", (chunks[0][1], ho, wo, rows_of.shape[3]), x.dtype)[:n1 - n0]
+                copy_images(xp, rows, rows_of[n0:n1])
+                rt_cols += rows.reshape(-1, rows.shape[3]).T @ cols
+        y = y.reshape(n, ho, wo, -1)
+        return (y, xpad) if rows_of is None else (y, xpad, rt_cols)
 
     def forward(self, x, train=True):
         y = self.conv(x)
@@ -258,6 +275,18 @@ class FastConv2d(Workspace, Conv2d):
             return col2im(dcols, x_shape, k, s, p, xp)
         (n, h, w, c), xpad = self.cache
         ho, wo = dout.shape[1:3]
+        if need_dx and s == 1 and p <= k - 1:
+            # dx is the correlation of dy, padded by k-1-p, with the kernel flipped and its
+            # in/out swapped: the forward machinery again, instead of scattering dcols (col2im).
+            # dW comes from the same im2col chunks of the padded dy, whose tap (i, j) at input
+            # position q is dy at q - (k-1-i, k-1-j) + p: dW[kh, kw] = sum over q of x[q] dy[q - (kh, kw) + p],
+            # so dW is x^T cols at tap (k-1-kh, k-1-kw). One im2col per chunk serves both products.
+            w_flip = self.params["weight"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1)  # (kh, kw, out, in)
+            dx, _, xt_cols = self._correlate(xp.ascontiguousarray(dout), w_flip.reshape(-1, c), k - 1 - p, 1,
+                                             "dypad", rows_of=xpad[:, p:p + h, p:p + w])
+            dw = xt_cols.reshape(c, k, k, self.c_out)[:, ::-1, ::-1]           # (in, kh, kw, out)
+            self.grads["weight"] += dw.transpose(3, 0, 1, 2)
+            return dx
         dy = dout.reshape(-1, self.c_out)
         dw = xp.zeros((k * k * c, self.c_out), dtype=dout.dtype)
         chunks = self._chunks(n, ho, wo, c)
@@ -266,13 +295,6 @@ class FastConv2d(Workspace, Conv2d):
         self.grads["weight"] += dw.reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1)
         if not need_dx:
             return None
-        if s == 1 and p <= k - 1:
-            # dx is the correlation of dy, padded by k-1-p, with the kernel flipped and its
-            # in/out swapped: the forward machinery again, instead of scattering dcols (col2im)
-            w_flip = self.params["weight"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1)  # (kh, kw, out, in)
-            dx, _ = self._correlate(xp.ascontiguousarray(dout), w_flip.reshape(-1, c),
-                                    k - 1 - p, 1, "dypad")
-            return dx
         wmat = self._wmat()
         dxpad = xp.zeros(xpad.shape, dtype=dout.dtype)
         for n0, n1 in self._chunks(n, ho, wo, c):

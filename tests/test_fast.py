@@ -83,16 +83,24 @@ def test_fast_conv_matches_plain(xp, k, stride, padding, h, w):
     plain = L.Conv2d(40, 3, k, stride, padding, rng=rng, xp=xp, dtype=F64)
     quick = fast.FastConv2d(40, 3, k, stride, padding, rng=rng, xp=xp, dtype=F64)
     quick.CHUNK_FLOATS = quick.GPU_CHUNK_FLOATS = 500     # several chunks even for this tiny batch
+    quick.CHUNK_MIN_ROWS = 1
     _copy_params(plain, quick)
     x = xp.asarray(rng.standard_normal((5, h, w, 40)))
     _compare(plain, quick, x, True)
     assert isinstance(quick.cache, fast.ChunkedConvCache) and len(quick._chunks(5, *quick.forward(x).shape[1:3], 40)) > 1
+    # without dx (a first layer), dW takes the other road: im2col chunks of x times dy
+    r = xp.asarray(np.random.default_rng(9).standard_normal(plain.forward(x).shape))
+    quick.zero_grad()
+    quick.forward(x)
+    assert quick.backward(r, need_dx=False) is None
+    _assert_same_grads(plain, quick)
 
 
 def test_fast_conv_gradients_and_narrow_fallback():
     rng = np.random.default_rng(1)
     conv = fast.FastConv2d(4, 2, 3, 2, 1, rng=rng, dtype=F64)
     conv.CHUNK_FLOATS = conv.GPU_CHUNK_FLOATS = 500
+    conv.CHUNK_MIN_ROWS = 1
     errors = gradcheck.check_layer(conv, rng.standard_normal((3, 5, 6, 4)))
     assert max(errors.values()) < 1e-6, errors
     assert isinstance(conv.cache, fast.ChunkedConvCache)
@@ -129,6 +137,7 @@ def test_conv_block_with_fast_conv_and_ties():
     """Binary images give exactly equal conv outputs over flat regions: first-winner ties."""
     plain, quick = _blocks(np, 8, 4, conv_cls=fast.FastConv2d)
     quick.conv.CHUNK_FLOATS = quick.conv.GPU_CHUNK_FLOATS = 3000
+    quick.conv.CHUNK_MIN_ROWS = 1
     x = (np.random.default_rng(5).random((4, 12, 12, 8)) > 0.8).astype(F64)
     _compare(plain, quick, x, True)
     assert isinstance(quick.conv.cache, fast.ChunkedConvCache)
@@ -186,6 +195,15 @@ def test_fast_basic_block_gradients():
     x = rng.standard_normal((2, 5, 5, 3))
     for train in (True, False):
         _check_input_gradient(blk, x, train, seed=16)
+
+
+def test_cpu_chunks_hold_about_chunk_floats_but_not_fewer_rows_than_the_minimum():
+    conv = fast.FastConv2d(64, 64, 3, 1, 1, rng=np.random.default_rng(0))
+    per_image = 14 * 14 * 9 * 64                                         # the ConvNet's second block
+    (n0, n1), *_ = conv._chunks(600, 14, 14, 64)
+    assert (n1 - n0) * per_image <= conv.CHUNK_FLOATS < (n1 - n0 + 1) * per_image
+    (n0, n1), *_ = conv._chunks(200, 4, 4, 512)                          # ResNet-18's 512-channel layers
+    assert (n1 - n0) * 16 >= conv.CHUNK_MIN_ROWS > (n1 - n0 - 1) * 16
 
 
 def test_one_im2col_scratch_buffer_for_all_layers():
