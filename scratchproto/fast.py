@@ -52,7 +52,7 @@ from .layers import BasicBlock, Conv2d, MaxPool2d, ReLU, Sequential, col2im, out
 # What the fast layers keep for their backward passes, by name.
 NarrowConvCache = namedtuple("NarrowConvCache", "cols x_shape")      # the whole (small) im2col matrix
 ChunkedConvCache = namedtuple("ChunkedConvCache", "x_shape xpad")     # the padded input: im2col chunks are made anew
-ConvBlockCache = namedtuple("ConvBlockCache", "y pooled out sign mean inv_std m train gram winner")
+ConvBlockCache = namedtuple("ConvBlockCache", "y pooled out sign mean inv_std m train gram winner x window_cols")
 FastBasicBlockCache = namedtuple("FastBasicBlockCache", "h xhat1 inv_std1 out xhat2 inv_std2 train")
 
 
@@ -333,26 +333,30 @@ class ConvBlock(Workspace, Sequential):
         # Work with y' = sign(gamma) * conv(x), folded into the weights: BatchNorm's scale on y'
         # is then >= 0 everywhere and max-pooling y' is pooling the normalised output.
         sign = xp.where(gamma >= 0, 1, -1).astype(gamma.dtype)
+        window_cols = cols = None
         if self._conv_in_chunks(x):
             # the narrow first block on the CPU: y' is made and pooled a chunk at a time below
-            cols, (n, ho, wo) = self.conv.narrow_cols(x)
+            window_cols = self._window_cols(x)
+            cols = window_cols.reshape(-1, window_cols.shape[-1])
+            self.conv.cache = None                     # (conv.narrow_cols was not used)
             y, m = None, cols.shape[0]
         else:
             y = self.conv.conv(x, out_scale=sign, reuse=True)   # no bias: BatchNorm's mean absorbs it
             m = y.size // bn.c
+            if isinstance(self.conv.cache, NarrowConvCache):
+                cols = self.conv.cache.cols
         b = self.conv.params.get("bias")
         gram = None
-        if train and isinstance(self.conv.cache, NarrowConvCache) and self.conv.cache.cols.shape[1] <= self.GRAM_MAX_K:
+        if train and cols is not None and cols.shape[1] <= self.GRAM_MAX_K:
             # Direct path for a narrow input (the 1-channel first block): y' = cols @ W', so the
             # batch statistics follow from the K x K Gram matrix of cols without a pass over y'
             # (mean = colsum @ W' / m, E[y'^2] = diag(W'^T G W') / m), in float64 to keep them exact
-            c64 = self.conv.cache.cols.astype(np.float64)
+            c64 = cols.astype(np.float64)
             colsum, g = xp.ones(len(c64)) @ c64, c64.T @ c64      # (a product: sum(axis=0) over 9 columns crawls)
             w64 = (self.conv._wmat() * sign).astype(np.float64)
             mean64 = colsum @ w64 / m
             var64 = xp.einsum("ko,kl,lo->o", w64, g, w64) / m - mean64 ** 2
-            dtype = self.conv.cache.cols.dtype
-            mean, var = mean64.astype(dtype), var64.astype(dtype)
+            mean, var = mean64.astype(cols.dtype), var64.astype(cols.dtype)
             gram = (colsum, g @ w64)
         elif train and kernels.enabled(xp):
             mean = kernels.channel_sum(xp, y) / m
@@ -371,28 +375,52 @@ class ConvBlock(Workspace, Sequential):
         if kernels.enabled(xp):                     # pool, first-max index, scale, shift, ReLU: one kernel
             pooled, out, winner = kernels.pool_bn_relu(xp, y, scale, shift)
         elif y is None:
-            pooled, out, winner = self._conv_and_pool_in_chunks(cols, self.conv._wmat() * sign, (n, ho, wo), scale, shift)
+            pooled, out, winner = self._conv_and_pool_in_chunks(window_cols, self.conv._wmat() * sign, scale, shift)
         else:
             n, h, w, c = y.shape
             pooled = xp.empty((n, h // 2, w // 2, c), dtype=y.dtype)
             out = xp.empty_like(pooled)
             over_images(xp, n, y[0].size, lambda n0, n1: self._pool_block(
                 y[n0:n1], pooled[n0:n1], out[n0:n1], None, scale, shift))
-        self.cache = ConvBlockCache(y, pooled, out, sign, mean, inv_std, m, train, gram, winner)
+        self.cache = ConvBlockCache(y, pooled, out, sign, mean, inv_std, m, train, gram, winner,
+                                    x if y is None else None, window_cols)
         return out
 
     def _conv_in_chunks(self, x):
         """Whether the convolution is made a chunk at a time with the pooling: for a narrow input
         (the 1-channel first block, whose 120 MB output is mere memory traffic: its GEMM has
-        K = 9) on the CPU. On a GPU a chunk would cost launches, so the whole y' is made."""
+        K = 9) on the CPU, when every output position lies in a pooling window (a 'same'
+        convolution of even-sized maps). On a GPU a chunk would cost launches, so the whole y' is made."""
+        conv, (h, w) = self.conv, x.shape[1:3]
         return (self.xp is np and not kernels.enabled(self.xp)
-                and self.conv.k ** 2 * x.shape[3] <= min(self.GRAM_MAX_K, self.conv.NARROW_K))
+                and conv.k ** 2 * x.shape[3] <= min(self.GRAM_MAX_K, conv.NARROW_K)
+                and conv.stride == 1 and 2 * conv.padding == conv.k - 1 and h % 2 == 0 and w % 2 == 0)
+
+    def _window_cols(self, x):
+        """The im2col rows of x (N, H, W, C_in) in window-major order, (4, N, H/2, W/2, k*k*C_in):
+        [q, n, i, j] is the row of output position (2i + q // 2, 2j + q % 2), so that the rows of
+        each 2x2-window position are contiguous. The pooling then compares contiguous arrays, and
+        the weight gradient takes each position's rows without gathering them. (Same 'same'
+        convolution as conv.narrow_cols, whose rows are in (N, H, W) order.)"""
+        xp, k, p = self.xp, self.conv.k, self.conv.padding
+        n, h, w, c = x.shape
+        xpad = self.workspace("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, zero_border=p)
+        copy_images(xp, xpad[:, p:p + h, p:p + w], x)
+        cols = self.workspace("window_cols", (4, n, h // 2, w // 2, k, k, c), x.dtype)
+        s0, s1, s2, s3 = xpad.strides
+        for q in range(4):
+            i, j = divmod(q, 2)
+            windows_q = xp.lib.stride_tricks.as_strided(      # position (2i' + i + kh, 2j' + j + kw)
+                xpad[:, i:, j:], shape=cols.shape[1:], strides=(s0, 2 * s1, 2 * s2, s1, s2, s3))
+            copy_images(xp, cols[q], windows_q)
+        return cols.reshape(4, n, h // 2, w // 2, k * k * c)
 
     def _pool_block(self, y, pooled, out, winner, scale, shift):
         """For a block of images: pooled = the max of each 2x2 window of y (N, H, W, C), out =
         max(scale*pooled + shift, 0) and, where winner is given, the window position (0..3, row
-        major) of the first maximum, as uint8 (ties go to the first, as in MaxPool2d)."""
-        xp, views = self.xp, self._windows(y)
+        major) of the first maximum, as uint8 (ties go to the first, as in MaxPool2d). y may also
+        be given as its four window positions' values, [(N, H/2, W/2, C)] * 4."""
+        xp, views = self.xp, (y if isinstance(y, list) else self._windows(y))
         xp.maximum(views[0], views[1], out=pooled)
         xp.maximum(pooled, views[2], out=pooled)
         xp.maximum(pooled, views[3], out=pooled)
@@ -406,31 +434,33 @@ class ConvBlock(Workspace, Sequential):
         out += shift
         xp.maximum(out, 0, out=out)
 
-    def _conv_and_pool_in_chunks(self, cols, wmat, nhw, scale, shift):
-        """y' = cols @ wmat (N, Ho, Wo, C), pooled as _pool_block does, a chunk of images at a time
-        (about 4 MB of y', pooled by all threads while it is still in the cache) so that y' never
-        exists whole. Returns (pooled, out, winner) for all images."""
-        xp, (n, ho, wo), c = self.xp, nhw, wmat.shape[1]
-        shape = (n, ho // 2, wo // 2, c)
-        pooled, out, winner = xp.empty(shape, cols.dtype), xp.empty(shape, cols.dtype), xp.empty(shape, np.uint8)
-        step = max(1, 4 * BLOCK_FLOATS // (ho * wo * c))
-        buf = self.workspace("y_chunk", (min(n, step) * ho * wo, c), cols.dtype)
+    def _conv_and_pool_in_chunks(self, window_cols, wmat, scale, shift):
+        """y' = cols @ wmat for the window-major rows (4, N, Ho, Wo, K) of _window_cols, a chunk
+        of images at a time (about 4 MB of y', pooled by all threads while it is still in the
+        cache) so that y' never exists whole; each chunk is pooled as _pool_block does, on the four
+        window positions' contiguous outputs. Returns (pooled, out, winner), (N, Ho, Wo, C)."""
+        xp, (_, n, ho, wo, k), c = self.xp, window_cols.shape, wmat.shape[1]
+        shape = (n, ho, wo, c)
+        pooled, out, winner = xp.empty(shape, wmat.dtype), xp.empty(shape, wmat.dtype), xp.empty(shape, np.uint8)
+        step = max(1, BLOCK_FLOATS // (ho * wo * c))
+        buf = self.workspace("y_chunk", (4, min(n, step) * ho * wo, c), wmat.dtype)
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
-            y = buf[:(c1 - c0) * ho * wo]
-            xp.matmul(cols[c0 * ho * wo:c1 * ho * wo], wmat, out=y)
-            y = y.reshape(c1 - c0, ho, wo, c)
-            over_images(xp, c1 - c0, ho * wo * c, lambda n0, n1: self._pool_block(
-                y[n0:n1], pooled[c0 + n0:c0 + n1], out[c0 + n0:c0 + n1], winner[c0 + n0:c0 + n1], scale, shift))
+            y = buf[:, :(c1 - c0) * ho * wo]
+            for q in range(4):
+                xp.matmul(window_cols[q, c0:c1].reshape(-1, k), wmat, out=y[q])
+            y = y.reshape(4, c1 - c0, ho, wo, c)
+            over_images(xp, c1 - c0, 4 * ho * wo * c, lambda n0, n1: self._pool_block(
+                list(y[:, n0:n1]), pooled[c0 + n0:c0 + n1], out[c0 + n0:c0 + n1], winner[c0 + n0:c0 + n1], scale, shift))
         return pooled, out, winner
 
     def backward(self, dout, need_dx=True):
         xp, bn = self.xp, self.bn
-        y, pooled, out, sign, mean, inv_std, m, train, gram, winner = self.cache
+        y, pooled, out, sign, mean, inv_std, m, train, gram, winner, _, _ = self.cache
         if y is None and (need_dx or gram is None):
             # the chunked first block asked for more than the trainer asks (dx, or an evaluation-
-            # mode backward: gradient checks): make the whole y' after all
-            cols, (n, h, w, _) = self.conv.cache
+            # mode backward: gradient checks): make the whole y' after all, in (N, H, W) order
+            cols, (n, h, w) = self.conv.narrow_cols(self.cache.x)
             y = (cols @ (self.conv._wmat() * sign)).reshape(n, h, w, -1)
         if kernels.enabled(xp):
             dz = dout * (out > 0)                               # through the ReLU, on the quarter
@@ -457,7 +487,7 @@ class ConvBlock(Workspace, Sequential):
         if kernels.enabled(xp):                     # the kernel path: dy in one kernel
             dz *= a
             return self.conv.conv_backward(kernels.conv_block_dy(xp, y, dy_per_y, dy_const, dz, winner), need_dx)
-        return self.conv.conv_backward(self._dy_in_place(y, pooled, dz, a, dy_per_y, dy_const), need_dx)
+        return self.conv.conv_backward(self._dy_in_place(y, pooled, winner, dz, a, dy_per_y, dy_const), need_dx)
 
     def _relu_and_bn_grads(self, dout, out, pooled, mean, s):
         """dz = dout through the ReLU (N, H/2, W/2, C), and BatchNorm's dbeta = sum dz and
@@ -474,16 +504,19 @@ class ConvBlock(Workspace, Sequential):
         parts = over_images(xp, len(dout), dout[0].size, part)
         return dz, per_image_sums(xp, [p[0] for p in parts]), per_image_sums(xp, [p[1] for p in parts])
 
-    def _dy_in_place(self, y, pooled, dz, a, dy_per_y, dy_const):
+    def _dy_in_place(self, y, pooled, winner, dz, a, dy_per_y, dy_const):
         """dL/dy' = dy_per_y*y' + dy_const everywhere, plus a*dz at each window's first winner,
         written over y' (the convolution's output, in this layer's scratch: the next forward
         overwrites it anyway), block by block: each block's winners are found before its y'
-        is overwritten."""
+        is overwritten. ``winner``: the winners' window positions if the forward pass kept them
+        (the chunked first block, whose y' made again here may differ from the pooled values in
+        the last bit: a GEMM's rounding depends on its shape)."""
         xp = self.xp
 
         def part(n0, n1):
             yb = y[n0:n1]
-            hits = list(self._first_winners(yb, pooled[n0:n1]))
+            hits = (list(self._first_winners(yb, pooled[n0:n1])) if winner is None else
+                    [winner[n0:n1] == q for q in range(4)])
             xp.multiply(yb, dy_per_y, out=yb)
             yb += dy_const
             a_dz = dz[n0:n1] * a
@@ -509,18 +542,22 @@ class ConvBlock(Workspace, Sequential):
         cols^T dy = dy_per_y * (G W') + dy_const * colsum + sum over window positions q of
         cols_q^T (a*dz)_q."""
         xp, conv = self.xp, self.conv
-        cols, (n, h, w, c) = conv.cache
+        y, pooled, winner, window_cols = self.cache.y, self.cache.pooled, self.cache.winner, self.cache.window_cols
+        if window_cols is None:                   # rows in (N, H, W) order: gathered per window position
+            cols, (n, h, w, c) = conv.cache
+            cols4 = cols.reshape(n, h, w, -1)
+        else:
+            (n, h, w, c), cols = self.cache.x.shape, window_cols
         colsum, gw = gram
-        kk = cols.shape[1]
+        kk = cols.shape[-1]
         ho, wo = h // 2, w // 2
-        cols4 = cols.reshape(n, h, w, kk)
         dw = (gw * dy_per_y + colsum[:, None] * dy_const).astype(cols.dtype)     # (K, C_out)
-        # In chunks of images: all threads gather the chunk's four window positions of cols and
-        # a*dz where each position wins (blocks of images each), then one GEMM sums their products.
+        # In chunks of images: all threads make a*dz where each window position wins (and gather
+        # that position's rows of cols, unless they are window-major), blocks of images each;
+        # then GEMMs sum the products.
         step = max(1, FastConv2d.CHUNK_FLOATS // (4 * ho * wo * conv.c_out))
-        cols_q = self.workspace("cols_q", (4, min(n, step), ho, wo, kk), cols.dtype)
+        cols_q = None if window_cols is not None else self.workspace("cols_q", (4, min(n, step), ho, wo, kk), cols.dtype)
         dz_q = self.workspace("dz_q", (4, min(n, step)) + a_dz.shape[1:], a_dz.dtype)
-        y, pooled, winner = self.cache.y, self.cache.pooled, self.cache.winner
         for s0 in range(0, n, step):
             s1 = min(n, s0 + step)
 
@@ -529,11 +566,16 @@ class ConvBlock(Workspace, Sequential):
                 hits = (self._first_winners(y[b], pooled[b]) if winner is None else
                         (winner[b] == q for q in range(4)))
                 for q, hit in enumerate(hits):
-                    i, j = divmod(q, 2)
-                    cols_q[q, n0:n1] = cols4[s0 + n0:s0 + n1, i:2 * ho:2, j:2 * wo:2]
-                    xp.multiply(a_dz[s0 + n0:s0 + n1], hit, out=dz_q[q, n0:n1])
+                    if cols_q is not None:
+                        i, j = divmod(q, 2)
+                        cols_q[q, n0:n1] = cols4[b, i:2 * ho:2, j:2 * wo:2]
+                    xp.multiply(a_dz[b], hit, out=dz_q[q, n0:n1])
             over_images(xp, s1 - s0, h * w * conv.c_out, part)
-            dw += cols_q[:, :s1 - s0].reshape(-1, kk).T @ dz_q[:, :s1 - s0].reshape(-1, conv.c_out)
+            if cols_q is None:
+                for q in range(4):
+                    dw += window_cols[q, s0:s1].reshape(-1, kk).T @ dz_q[q, :s1 - s0].reshape(-1, conv.c_out)
+            else:
+                dw += cols_q[:, :s1 - s0].reshape(-1, kk).T @ dz_q[:, :s1 - s0].reshape(-1, conv.c_out)
         conv.grads["weight"] += dw.reshape(conv.k, conv.k, c, conv.c_out).transpose(3, 2, 0, 1)
         return None
 

@@ -153,16 +153,18 @@ def test_conv_block_gradients():
 
 
 @pytest.mark.parametrize("chunk_floats", [1 << 21, 300])   # one chunk of images; one per image
-def test_narrow_block_weight_gradient_without_dy(monkeypatch, chunk_floats):
+@pytest.mark.parametrize("h", [10, 9])    # window-major rows, made and pooled in chunks; rows gathered
+def test_narrow_block_weight_gradient_without_dy(monkeypatch, chunk_floats, h):
     """The first block (1 input channel) in training, as the trainer runs it (need_dx=False):
     its weight gradient comes from the Gram matrix and the winners, without the full-size dy."""
     monkeypatch.setattr(fast.FastConv2d, "CHUNK_FLOATS", chunk_floats)
     plain, quick = _blocks(np, 1, 10)
-    x = (np.random.default_rng(11).random((3, 10, 10, 1)) > 0.7).astype(F64)   # binary: ties
+    x = (np.random.default_rng(11).random((3, h, h, 1)) > 0.7).astype(F64)   # binary: ties
     plain.zero_grad(); quick.zero_grad()
     y1 = plain.forward(x, True)
     quick.forward(x, True)
     assert quick.cache.gram is not None                   # the Gram path was taken
+    assert (quick.cache.window_cols is not None) == (h % 2 == 0)
     r = np.random.default_rng(12).standard_normal(y1.shape)
     plain.backward(r)
     assert quick.backward(r, need_dx=False) is None
