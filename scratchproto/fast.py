@@ -555,7 +555,8 @@ class ConvBlock(Workspace, Sequential):
         # In chunks of images: all threads make a*dz where each window position wins (and gather
         # that position's rows of cols, unless they are window-major), blocks of images each;
         # then GEMMs sum the products.
-        step = max(1, FastConv2d.CHUNK_FLOATS // (4 * ho * wo * conv.c_out))
+        limit = FastConv2d.CHUNK_FLOATS if xp is np else FastConv2d.GPU_CHUNK_FLOATS   # (a chunk is launches)
+        step = max(1, limit // (4 * ho * wo * conv.c_out))
         cols_q = None if window_cols is not None else self.workspace("cols_q", (4, min(n, step), ho, wo, kk), cols.dtype)
         dz_q = self.workspace("dz_q", (4, min(n, step)) + a_dz.shape[1:], a_dz.dtype)
         for s0 in range(0, n, step):
