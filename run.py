@@ -8,6 +8,7 @@
   python run.py --train-split background --within-alphabet    train for that benchmark
   python run.py --plot RUN                               redraw the figures of a run
   python run.py --plot-sweep RUN_W16 RUN_W32 ...         nc1, nc2 against model size
+  python run.py --strip RUN/best.npz model.npz           the weights alone, to share a model
 """
 import argparse
 import dataclasses
@@ -37,6 +38,10 @@ def parser():
     mode.add_argument("--plot-lake", metavar="JSON", nargs="+",
                       help="Lake's benchmark: the error per run of --lake evaluations (lake_errors.png in "
                            "their common folder) and a table of them beside the published errors")
+    mode.add_argument("--strip", nargs=2, metavar=("CKPT", "DEST"),
+                      help="write DEST, a copy of checkpoint CKPT without the optimiser's state (the "
+                           "weights and BatchNorm buffers: a third of the size), to share or commit a "
+                           "model; it evaluates like CKPT but cannot be resumed")
     mode.add_argument("--at-epoch", type=int, metavar="N",
                       help="with --plot-sweep: compare the runs at epoch N (for runs of unequal length)")
 
@@ -113,8 +118,8 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     progress = not args.no_progress
-    if sum(x is not None for x in (args.resume, args.eval, args.plot, args.plot_sweep, args.plot_lake)) > 1:
-        raise sp.UserError("choose one of --resume, --eval, --plot, --plot-sweep and --plot-lake")
+    if sum(x is not None for x in (args.resume, args.eval, args.plot, args.plot_sweep, args.plot_lake, args.strip)) > 1:
+        raise sp.UserError("choose one of --resume, --eval, --plot, --plot-sweep, --plot-lake and --strip")
     if args.at_epoch is not None and not args.plot_sweep:
         raise sp.UserError("--at-epoch N goes with --plot-sweep")
     # every number, before any work (a mistyped flag costs no download and no epoch)
@@ -129,6 +134,13 @@ def main(argv=None):
     if args.plot_lake:
         print(sp.plots.lake_table(args.plot_lake))
         print(f"wrote {sp.plots.plot_lake(args.plot_lake)}")
+        return 0
+    if args.strip:
+        src, dst = map(pathlib.Path, args.strip)
+        if dst.resolve() == src.resolve():
+            raise sp.UserError("--strip CKPT DEST: DEST must be another file than CKPT")
+        size = sp.checkpoint.strip(src, dst)
+        print(f"wrote {dst} ({size / 2 ** 20:.1f} MiB, without the optimiser's state: evaluate it with --eval)")
         return 0
     if args.plot:
         for path in sp.plots.plot_run(args.plot):

@@ -96,9 +96,25 @@ train_s=$(( $(left) - 10 ))
 if [ "$TRAIN_EPOCHS" -gt 0 ] && [ $train_s -gt 60 ]; then
   step "ResNet-18, the paper's protocol: up to $TRAIN_EPOCHS epochs in $train_s s"
   mkdir -p "$OUT/resnet18-paper"
-  timeout -s TERM $train_s $PY run.py --backbone resnet18 --device gpu --epochs "$TRAIN_EPOCHS" \
-    --out runs/resnet18-paper --no-progress 2>&1 | tee "$OUT/resnet18-paper/train.log"
+  run_args=(--backbone resnet18 --device gpu --epochs "$TRAIN_EPOCHS" --out runs/resnet18-paper)
+  [ -f runs/resnet18-paper/last.npz ] && run_args=(--resume runs/resnet18-paper)   # a folder carried back in
+  timeout -s TERM $train_s $PY run.py "${run_args[@]}" --no-progress 2>&1 | tee -a "$OUT/resnet18-paper/train.log"
   cp runs/resnet18-paper/config.json runs/resnet18-paper/trace.jsonl "$OUT/resnet18-paper/"
+  # The checkpoints are larger than one returned file may be (16 MiB) and than one call returns
+  # (8 files): last.npz (to resume; with Adam's moments, ~134 MB) and the weights of best.npz
+  # (--strip, ~45 MB) are cut into 16 MiB parts in gpu-parts/ (kept on the warm machine), with
+  # their SHA-256 in $OUT. Fetch them 8 at a time with follow-up calls while the machine is warm:
+  #   cp gpu-parts/last.npz.part0[0-7] "$OUT"/          (then the rest, then best-weights.npz.part*)
+  # and on this side: cat last.npz.part* > last.npz && sha256sum -c SHA256SUMS
+  if [ -f runs/resnet18-paper/last.npz ]; then
+    rm -rf gpu-parts && mkdir -p gpu-parts
+    $PY run.py --strip runs/resnet18-paper/best.npz gpu-parts/best-weights.npz
+    cp runs/resnet18-paper/last.npz gpu-parts/
+    (cd gpu-parts && sha256sum last.npz best-weights.npz > SHA256SUMS \
+      && split -b 16M -d last.npz last.npz.part && split -b 16M -d best-weights.npz best-weights.npz.part \
+      && rm last.npz best-weights.npz && ls -l)
+    cp gpu-parts/SHA256SUMS "$OUT/resnet18-paper/"
+  fi
 fi
 step "done"
 cat "$OUT/results"

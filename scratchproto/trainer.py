@@ -263,6 +263,9 @@ def _train(cfg, run_dir, resume, progress, log):
         except UserError as e:
             raise UserError(f"{e}. To continue from the best epoch instead, copy best.npz over "
                             f"last.npz and resume again") from None
+        if adam is None:
+            raise UserError(f"{run_dir / 'last.npz'} holds no optimiser state (a copy written by "
+                            f"--strip): it can be evaluated, not resumed")
         net.load_state_dict(state)
         opt.load_state_dict(adam)
         epoch, best, bad = meta["epoch"], meta["best_loss"], meta["bad_epochs"]

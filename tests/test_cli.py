@@ -27,7 +27,7 @@ def test_help_lists_the_protocol_and_its_defaults():
     assert p.returncode == 0
     for text in ("--train-way", "(default: 60)", "--patience", "(default: 200)", "--lr-step", "--trainval",
                  "--resume", "--eval", "--plot", "--plot-sweep", "--standard", "--mirror", "SCRATCHPROTO_MIRROR",
-                 "--train-split", "--no-rotations", "--within-alphabet", "--lake", "--plot-lake"):
+                 "--train-split", "--no-rotations", "--within-alphabet", "--lake", "--plot-lake", "--strip"):
         assert text in p.stdout, text
 
 
@@ -36,7 +36,9 @@ def test_help_lists_the_protocol_and_its_defaults():
     (["--eval", "missing.npz"], "error: no checkpoint at missing.npz"),
     (["--plot", "nowhere"], "error: no trace at nowhere/trace.jsonl"),
     (["--resume", "nowhere"], "error: nowhere is not a run folder to resume (it does not exist)"),
-    (["--eval", "x.npz", "--plot", "y"], "error: choose one of --resume, --eval, --plot, --plot-sweep and --plot-lake"),
+    (["--eval", "x.npz", "--plot", "y"], "error: choose one of --resume, --eval, --plot, --plot-sweep, --plot-lake and --strip"),
+    (["--strip", "a.npz", "./a.npz"], "error: --strip CKPT DEST: DEST must be another file than CKPT"),
+    (["--strip", "missing.npz", "b.npz"], "error: no checkpoint at missing.npz"),
     (["--plot-sweep", "nowhere"], "error: no trace at nowhere/trace.jsonl"),
     (["--plot", "y", "--at-epoch", "3"], "error: --at-epoch N goes with --plot-sweep"),
 ])
@@ -75,6 +77,19 @@ def test_train_then_eval_then_plot(omniglot, tmp_path):
     assert "test 5-way 1-shot 3-query, 3 episodes: acc" in p.stdout and "95% CI" in p.stdout
     result = json.loads((out / "eval.json").read_text())
     assert result["results"][0]["way"] == 5 and result["split"] == "test"
+    # the weights alone: smaller, evaluates to the same numbers, cannot be resumed
+    p = run("--strip", str(out / "best.npz"), str(tmp_path / "model.npz"))
+    assert p.returncode == 0 and "without the optimiser's state" in p.stdout, p.stderr
+    assert (tmp_path / "model.npz").stat().st_size < 0.5 * (out / "best.npz").stat().st_size
+    p = run("--eval", str(tmp_path / "model.npz"), "--way", "5", "--shot", "1", "--query", "3", "--episodes", "3",
+            "--device", "cpu", "--eval-out", str(tmp_path / "stripped.json"), data=omniglot.root)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "stripped.json").read_text())["results"] == result["results"]
+    (tmp_path / "model.npz").replace(out / "last.npz")
+    p = run("--resume", str(out), data=omniglot.root)
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"error: {out / 'last.npz'} holds no optimiser state (a copy written by --strip): it can be "
+        f"evaluated, not resumed"), p.stderr
     (out / "curves.png").unlink()
     p = run("--plot", str(out))
     assert p.returncode == 0 and (out / "curves.png").exists()
