@@ -5,7 +5,7 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
 
 * FastConv2d: im2col in chunks of images, each built by one copy from a strided window view, so
   the k*k-times-larger im2col matrix (271 MB for the second ConvNet block) is never stored whole,
-  and its buffer (about 8 MB) is reused rather than allocated (and page-faulted) on every call.
+  and its buffer (about 4 MB) is reused rather than allocated (and page-faulted) on every call.
   The input gradient of a stride-1 convolution is the correlation of dy with the flipped kernel,
   computed by the same machinery instead of scattering dcols back (col2im), and the weight
   gradient is read off the same im2col chunks (of the padded dy) times x, so the backward pass
