@@ -364,13 +364,12 @@ class ConvBlock(Workspace, Sequential):
         elif train:
             mean, var = batch_stats(xp, y)
         if train:   # the running statistics are kept for conv(x) + bias, as in PyTorch
-            bn.update_running(sign * mean + (b if b is not None else 0), var, m)
+            kernels.running_stats(xp, bn, sign * mean + (b if b is not None else 0), var, m)
         else:
             mean = sign * (bn.buffers["running_mean"] - (b if b is not None else 0))
             var = bn.buffers["running_var"]
-        inv_std = 1.0 / xp.sqrt(var + bn.eps)
-        scale = gamma * sign * inv_std              # = |gamma| / sigma >= 0
-        shift = bn.params["bias"] - mean * scale
+        # inv_std = 1/sigma, scale = gamma*sign*inv_std = |gamma|/sigma >= 0, shift = beta - mean*scale
+        inv_std, scale, shift = kernels.block_constants(xp, gamma, bn.params["bias"], sign, mean, var, bn.eps)
         winner = None
         if kernels.enabled(xp):                     # pool, first-max index, scale, shift, ReLU: one kernel
             pooled, out, winner = kernels.pool_bn_relu(xp, y, scale, shift)
@@ -470,17 +469,15 @@ class ConvBlock(Workspace, Sequential):
             dz, dbeta, dgamma = self._relu_and_bn_grads(dout, out, pooled, mean, sign * inv_std)
         bn.grads["weight"] += dgamma
         bn.grads["bias"] += dbeta
-        # BatchNorm's backward is dy = a*dz_full + coef_xhat*xhat + coef_one, with dz_full zero
-        # off the winners and xhat = sign*(y' - mean)*inv_std. So dy = dy_per_y*y' + dy_const
-        # everywhere, plus a*dz at the winners.
-        a = bn.params["weight"] * inv_std
-        coef_xhat = -a * dgamma / m if train else xp.zeros_like(a)
-        coef_one = -a * dbeta / m if train else xp.zeros_like(a)
-        dy_per_y = coef_xhat * sign * inv_std
-        dy_const = coef_one - dy_per_y * mean
+        # BatchNorm's backward is dy = a*dz_full + coef_xhat*xhat + coef_one (a = gamma*inv_std,
+        # coef_xhat = -a*dgamma/m, coef_one = -a*dbeta/m), with dz_full zero off the winners and
+        # xhat = sign*(y' - mean)*inv_std. So dy = dy_per_y*y' + dy_const everywhere, plus a*dz at
+        # the winners; and a conv bias gets the sum of dy over the batch: a*dbeta + dy_per_y*sum(y')
+        # + dy_const*m = a*dbeta + m*coef_one.
+        a, dy_per_y, dy_const, bias_grad = kernels.block_backward_constants(
+            xp, bn.params["weight"], inv_std, sign, mean, dgamma, dbeta, m, train)
         if "bias" in self.conv.params:
-            # sum of dy over the batch: a*dbeta + dy_per_y*sum(y') + dy_const*m = a*dbeta + m*coef_one
-            self.conv.grads["bias"] += a * dbeta + m * coef_one
+            self.conv.grads["bias"] += bias_grad
         if gram is not None and not need_dx:
             dz *= a
             return self._narrow_weight_grad(dz, dy_per_y, dy_const, gram)
@@ -692,7 +689,7 @@ class FastBasicBlock(BasicBlock):
         if train:
             mean = kernels.channel_sum(xp, y) / m
             var = kernels.channel_sq_dev(xp, y, mean) / m
-            bn.update_running(mean, var, m)
+            kernels.running_stats(xp, bn, mean, var, m)
         else:
             mean, var = bn.buffers["running_mean"], bn.buffers["running_var"]
         inv_std = 1.0 / xp.sqrt(var + bn.eps)

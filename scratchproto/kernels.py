@@ -13,7 +13,11 @@ transposing copies. Each entry here does one such group in one kernel:
 * ``pool_bn_relu(y, scale, shift)``: the ConvNet block's forward after its convolution (fast.py's
   ConvBlock): 2x2 max-pooling with the index of the first maximum, then relu(scale * max + shift);
 * ``conv_block_dy(y, dy_per_y, dy_const, a_dz, winner)``: its backward to the convolution's
-  output, dy = dy_per_y * y + dy_const everywhere, plus a_dz at each window's winner.
+  output, dy = dy_per_y * y + dy_const everywhere, plus a_dz at each window's winner;
+* ``running_stats(bn, mean, var, m)``: BatchNorm's running statistics moved towards a batch's;
+* ``block_constants(...)`` / ``block_backward_constants(...)``: the block's per-channel constants,
+  forward (1/sigma, scale, shift) and backward (the coefficients of dy), a dozen tiny operations
+  each, which on a GPU are as many launches.
 
 Every function takes the array module first. Its twin (``*_twin``) is the reference: plain array
 operations, written once against ``xp``, the formula in its docstring; tests hold the kernels
@@ -88,6 +92,33 @@ ELEMENTWISE = {
             if (winner[j] == (h % 2) * 2 + (w % 2)) g += a_dz[j];
         }
         dy = g;
+        """),
+    # per channel: the running statistics updated in place (read and written)
+    "running_stats": (
+        "T mean, T var, T mom, T unbias", "T running_mean, T running_var",
+        """
+        running_mean = running_mean * ((T)1 - mom) + mom * mean;
+        running_var = running_var * ((T)1 - mom) + mom * var * unbias;
+        """),
+    "block_constants": (
+        "T gamma, T beta, T sign, T mean, T var, T eps", "T inv_std, T scale, T shift",
+        """
+        T s = (T)1 / sqrt(var + eps);
+        inv_std = s;
+        scale = gamma * sign * s;
+        shift = beta - mean * scale;
+        """),
+    "block_backward_constants": (
+        "T gamma, T inv_std, T sign, T mean, T dgamma, T dbeta, T m, int32 train",
+        "T a, T dy_per_y, T dy_const, T bias_grad",
+        """
+        T g = gamma * inv_std;
+        T coef_xhat = train ? -g * dgamma / m : (T)0;
+        T coef_one = train ? -g * dbeta / m : (T)0;
+        a = g;
+        dy_per_y = coef_xhat * sign * inv_std;
+        dy_const = coef_one - dy_per_y * mean;
+        bias_grad = g * dbeta + m * coef_one;
         """),
 }
 
@@ -188,6 +219,35 @@ def conv_block_dy_twin(xp, y, dy_per_y, dy_const, a_dz, winner):
     return dy
 
 
+def running_stats_twin(xp, bn, mean, var, m):
+    """BatchNorm2d.update_running: running = (1 - momentum) * running + momentum * batch, the
+    variance unbiased by m / (m - 1), and num_batches_tracked + 1."""
+    bn.update_running(mean, var, m)
+
+
+def block_constants_twin(xp, gamma, beta, sign, mean, var, eps):
+    """The ConvBlock's forward constants per channel (C,): inv_std = 1 / sqrt(var + eps),
+    scale = gamma * sign * inv_std (= |gamma| / sigma) and shift = beta - mean * scale.
+    Returns (inv_std, scale, shift)."""
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    scale = gamma * sign * inv_std
+    return inv_std, scale, beta - mean * scale
+
+
+def block_backward_constants_twin(xp, gamma, inv_std, sign, mean, dgamma, dbeta, m, train):
+    """The ConvBlock's backward constants per channel (C,): a = gamma * inv_std; in training
+    coef_xhat = -a dgamma / m and coef_one = -a dbeta / m (0 in evaluation, where the statistics
+    are constants); dy_per_y = coef_xhat * sign * inv_std, dy_const = coef_one - dy_per_y * mean,
+    and the gradient of a bias before BatchNorm, a dbeta + m coef_one.
+    Returns (a, dy_per_y, dy_const, bias_grad)."""
+    a = gamma * inv_std
+    coef_xhat = -a * dgamma / m if train else xp.zeros_like(a)
+    coef_one = -a * dbeta / m if train else xp.zeros_like(a)
+    dy_per_y = coef_xhat * sign * inv_std
+    dy_const = coef_one - dy_per_y * mean
+    return a, dy_per_y, dy_const, a * dbeta + m * coef_one
+
+
 def channel_sum(xp, x):
     if not enabled(xp):
         return channel_sum_twin(xp, x)
@@ -236,3 +296,73 @@ def conv_block_dy(xp, y, dy_per_y, dy_const, a_dz, winner):
     n, h, w, c = y.shape
     return _kernel("conv_block_dy")(y, dy_per_y, dy_const, xp.ascontiguousarray(a_dz), winner,
                                     h, w, h // 2, w // 2, c)
+
+
+def running_stats(xp, bn, mean, var, m):
+    if not enabled(xp):
+        return running_stats_twin(xp, bn, mean, var, m)
+    b, mom = bn.buffers, bn.momentum
+    _kernel("running_stats")(mean, var, mom, m / max(m - 1, 1), b["running_mean"], b["running_var"])
+    b["num_batches_tracked"] += 1
+
+
+def block_constants(xp, gamma, beta, sign, mean, var, eps):
+    if not enabled(xp):
+        return block_constants_twin(xp, gamma, beta, sign, mean, var, eps)
+    return _kernel("block_constants")(gamma, beta, sign, mean, var, eps)
+
+
+def block_backward_constants(xp, gamma, inv_std, sign, mean, dgamma, dbeta, m, train):
+    if not enabled(xp):
+        return block_backward_constants_twin(xp, gamma, inv_std, sign, mean, dgamma, dbeta, m, train)
+    return _kernel("block_backward_constants")(gamma, inv_std, sign, mean, dgamma, dbeta, m, int(train))
+
+
+class NumpyStandIn:
+    """Stands in for the compiled kernel ``name`` on NumPy, with its calling convention (an
+    elementwise kernel takes its outputs as trailing arguments or returns new ones; a reduction
+    takes axis=), by running its twin: so that the kernel path's plumbing runs on any machine
+    (tests/test_kernels.py; benchmarks/launches.py counts each call as one launch)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, *args, axis=None):
+        name, xp = self.name, np
+        if name == "bn_relu":
+            y, mean, inv_std, gamma, beta, res, xhat_out, out = args
+            h = (y - mean) * inv_std
+            xhat_out[...] = h
+            out[...] = np.maximum(gamma * h + beta + res, 0)
+            return xhat_out, out
+        if name == "bn_backward":
+            return bn_backward_twin(xp, *args)
+        if name == "pool_bn_relu":
+            y, scale, shift, h, w, ho, wo, c, *outs = args
+            assert y.shape == (y.shape[0], h, w, c) and outs[0].shape == (y.shape[0], ho, wo, c)
+            for dest, value in zip(outs, pool_bn_relu_twin(xp, y, scale, shift)):
+                dest[...] = value
+            return outs
+        if name == "conv_block_dy":
+            y, dy_per_y, dy_const, a_dz, winner, h, w, ho, wo, c = args
+            assert winner.dtype == np.uint8 and a_dz.shape == (y.shape[0], ho, wo, c)
+            return conv_block_dy_twin(xp, y, dy_per_y, dy_const, a_dz, winner)
+        if name == "running_stats":
+            mean, var, mom, unbias, running_mean, running_var = args
+            running_mean *= 1 - mom
+            running_mean += mom * mean
+            running_var *= 1 - mom
+            running_var += mom * var * unbias
+            return running_mean, running_var
+        if name == "block_constants":
+            return block_constants_twin(xp, *args)
+        if name == "block_backward_constants":
+            *rest, train = args
+            return block_backward_constants_twin(xp, *rest, bool(train))
+        assert axis == 0
+        x = args[0].astype(np.float64)
+        if name == "channel_sum":
+            return x.sum(axis=0)
+        if name == "channel_dot":
+            return (x * args[1]).sum(axis=0)
+        return ((x - args[1]) ** 2).sum(axis=0)

@@ -43,41 +43,7 @@ def test_twins_agree_with_the_library_batchnorm():
     assert not kernels.enabled(np)
 
 
-class StandIn:
-    """Stands in for the compiled CuPy kernels on NumPy, with their calling conventions: an
-    elementwise kernel takes its outputs as trailing arguments (or returns a new one), a
-    reduction takes axis=."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __call__(self, *args, axis=None):
-        if self.name == "bn_relu":
-            y, mean, inv_std, gamma, beta, res, xhat_out, out = args
-            h = (y - mean) * inv_std
-            xhat_out[...] = h
-            out[...] = np.maximum(gamma * h + beta + res, 0)
-            return xhat_out, out
-        if self.name == "bn_backward":
-            d, xhat, a, cb, cg = args
-            return a * (d - cb - xhat * cg)
-        if self.name == "pool_bn_relu":        # the twin, written into the given outputs
-            y, scale, shift, h, w, ho, wo, c, *outs = args
-            assert y.shape == (y.shape[0], h, w, c) and outs[0].shape == (y.shape[0], ho, wo, c)
-            for dest, value in zip(outs, kernels.pool_bn_relu_twin(np, y, scale, shift)):
-                dest[...] = value
-            return outs
-        if self.name == "conv_block_dy":
-            y, dy_per_y, dy_const, a_dz, winner, h, w, ho, wo, c = args
-            assert winner.dtype == np.uint8 and a_dz.shape == (y.shape[0], ho, wo, c)
-            return kernels.conv_block_dy_twin(np, y, dy_per_y, dy_const, a_dz, winner)
-        assert axis == 0
-        x = args[0].astype(np.float64)
-        if self.name == "channel_sum":
-            return x.sum(axis=0)
-        if self.name == "channel_dot":
-            return (x * args[1]).sum(axis=0)
-        return ((x - args[1]) ** 2).sum(axis=0)
+StandIn = kernels.NumpyStandIn
 
 
 def _assert_same(plain, quick, x, train, rng):
@@ -134,7 +100,7 @@ def _cpp(name, ins, outs, body):
 def test_every_cuda_body_compiles(tmp_path):
     """A typo in a kernel must not cost GPU minutes: each body, in a function with the kernel's
     parameters, through g++ -fsyntax-only (the CUDA qualifier defined away)."""
-    src = ["#define __device__\n"]
+    src = ["#define __device__\n#include <cmath>\nusing std::sqrt;   // CUDA's device math, for the syntax\n"]
     for name, (ins, outs, body) in kernels.ELEMENTWISE.items():
         src.append(_cpp(name, ins, outs, body))
     for name, (ins, out, mapped, reduce, post, identity) in kernels.REDUCTIONS.items():
@@ -170,6 +136,20 @@ def test_cupy_kernels_match_their_twins(monkeypatch, dtype, rtol):
         got = kernels.bn_relu(cp, x.copy(), *vec, w)
         want = kernels.bn_relu_twin(cp, x.copy(), *vec, w)
         pairs += list(zip(got, want))
+        sign = cp.where(vec[0] >= 0, 1, -1).astype(dtype)
+        per_channel = (vec[2], vec[3], sign, vec[0], vec[1])        # gamma, beta, sign, mean, var (> 0)
+        pairs += list(zip(kernels.block_constants(cp, *per_channel, 1e-5),
+                          kernels.block_constants_twin(cp, *per_channel, 1e-5)))
+        for train in (True, False):
+            back = (vec[2], vec[1], sign, vec[0], vec[3], vec[2], 37)  # gamma, inv_std, sign, mean, dgamma, dbeta, m
+            pairs += list(zip(kernels.block_backward_constants(cp, *back, train),
+                              kernels.block_backward_constants_twin(cp, *back, train)))
+        bns = [L.BatchNorm2d(c, xp=cp, dtype=dtype) for _ in range(2)]
+        for bn in bns:
+            bn.buffers["running_mean"][...], bn.buffers["running_var"][...] = vec[3], vec[1]
+        kernels.running_stats(cp, bns[0], vec[0], vec[1], 37)
+        kernels.running_stats_twin(cp, bns[1], vec[0], vec[1], 37)
+        pairs += [(bns[0].buffers[k], bns[1].buffers[k]) for k in bns[0].buffers]
         if shape[1] > 1:
             xr = cp.round(x)                                     # ties in the windows
             pairs += list(zip(kernels.pool_bn_relu(cp, xr, vec[1], vec[0]), kernels.pool_bn_relu_twin(cp, xr, vec[1], vec[0])))
