@@ -332,7 +332,8 @@ class ConvBlock(Workspace, Sequential):
         gamma = bn.params["weight"]
         # Work with y' = sign(gamma) * conv(x), folded into the weights: BatchNorm's scale on y'
         # is then >= 0 everywhere and max-pooling y' is pooling the normalised output.
-        sign = xp.where(gamma >= 0, 1, -1).astype(gamma.dtype)
+        one = gamma.dtype.type(1)
+        sign = xp.where(gamma >= 0, one, -one)
         window_cols = cols = None
         if self._conv_in_chunks(x):
             # the narrow first block on the CPU: y' is made and pooled a chunk at a time below

@@ -122,12 +122,14 @@ ELEMENTWISE = {
         """),
 }
 
-# name: (inputs, output, map expression, reduce expression, post-map, identity)
+# name: (inputs, output, map expression, reduce expression, post-map, identity); the sums are
+# accumulated in double precision (REDUCE_TYPE) and written in the inputs' type, in the one launch
+REDUCE_TYPE = "double"   # a C type: CuPy writes it into the kernel's source
 REDUCTIONS = {
-    "channel_sum": ("T x", "float64 s", "(double)x", "a + b", "s = a", "0"),
-    "channel_dot": ("T x, T w", "float64 s", "(double)x * (double)w", "a + b", "s = a", "0"),
-    "channel_sq_dev": ("T x, T mu", "float64 s", "((double)x - (double)mu) * ((double)x - (double)mu)",
-                       "a + b", "s = a", "0"),
+    "channel_sum": ("T x", "T s", "(double)x", "a + b", "s = (T)a", "0"),
+    "channel_dot": ("T x, T w", "T s", "(double)x * (double)w", "a + b", "s = (T)a", "0"),
+    "channel_sq_dev": ("T x, T mu", "T s", "((double)x - (double)mu) * ((double)x - (double)mu)",
+                       "a + b", "s = (T)a", "0"),
 }
 
 _compiled = {}
@@ -143,7 +145,7 @@ def _kernel(name):
         else:
             ins, out, mapped, reduce, post, identity = REDUCTIONS[name]
             _compiled[name] = cupy.ReductionKernel(ins, out, mapped, reduce, post, identity,
-                                                   f"scratchproto_{name}")
+                                                   f"scratchproto_{name}", reduce_type=REDUCE_TYPE)
     return _compiled[name]
 
 
@@ -251,19 +253,19 @@ def block_backward_constants_twin(xp, gamma, inv_std, sign, mean, dgamma, dbeta,
 def channel_sum(xp, x):
     if not enabled(xp):
         return channel_sum_twin(xp, x)
-    return _kernel("channel_sum")(_channels_last_2d(x), axis=0).astype(x.dtype)
+    return _kernel("channel_sum")(_channels_last_2d(x), axis=0)
 
 
 def channel_dot(xp, x, w):
     if not enabled(xp):
         return channel_dot_twin(xp, x, w)
-    return _kernel("channel_dot")(_channels_last_2d(x), _channels_last_2d(w), axis=0).astype(x.dtype)
+    return _kernel("channel_dot")(_channels_last_2d(x), _channels_last_2d(w), axis=0)
 
 
 def channel_sq_dev(xp, x, mu):
     if not enabled(xp):
         return channel_sq_dev_twin(xp, x, mu)
-    return _kernel("channel_sq_dev")(_channels_last_2d(x), mu, axis=0).astype(x.dtype)
+    return _kernel("channel_sq_dev")(_channels_last_2d(x), mu, axis=0)
 
 
 def bn_relu(xp, y, mean, inv_std, gamma, beta, res=None):
@@ -362,7 +364,9 @@ class NumpyStandIn:
         assert axis == 0
         x = args[0].astype(np.float64)
         if name == "channel_sum":
-            return x.sum(axis=0)
-        if name == "channel_dot":
-            return (x * args[1]).sum(axis=0)
-        return ((x - args[1]) ** 2).sum(axis=0)
+            s = x.sum(axis=0)
+        elif name == "channel_dot":
+            s = (x * args[1]).sum(axis=0)
+        else:
+            s = ((x - args[1]) ** 2).sum(axis=0)
+        return s.astype(args[0].dtype)
