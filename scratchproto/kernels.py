@@ -17,7 +17,8 @@ transposing copies. Each entry here does one such group in one kernel:
 * ``running_stats(bn, mean, var, m)``: BatchNorm's running statistics moved towards a batch's;
 * ``block_constants(...)`` / ``block_backward_constants(...)``: the block's per-channel constants,
   forward (1/sigma, scale, shift) and backward (the coefficients of dy), a dozen tiny operations
-  each, which on a GPU are as many launches.
+  each, which on a GPU are as many launches;
+* ``adam(p, g, m, v, ...)``: Adam's step over the flat parameter arrays (optim.py), in place.
 
 Every function takes the array module first. Its twin (``*_twin``) is the reference: plain array
 operations, written once against ``xp``, the formula in its docstring; tests hold the kernels
@@ -119,6 +120,16 @@ ELEMENTWISE = {
         dy_per_y = coef_xhat * sign * inv_std;
         dy_const = coef_one - dy_per_y * mean;
         bias_grad = g * dbeta + m * coef_one;
+        """),
+    # Adam (optim.py) on the flat arrays: p, m and v read and written
+    "adam": (
+        "T g, T b1, T one_minus_b1, T b2, T one_minus_b2, T step_size, T sqrt_bc2, T eps, T weight_decay",
+        "T p, T m, T v",
+        """
+        T grad = g + weight_decay * p;
+        m = b1 * m + one_minus_b1 * grad;
+        v = b2 * v + one_minus_b2 * grad * grad;
+        p = p - step_size * m / (sqrt(v) / sqrt_bc2 + eps);
         """),
 }
 
@@ -250,6 +261,11 @@ def block_backward_constants_twin(xp, gamma, inv_std, sign, mean, dgamma, dbeta,
     return a, dy_per_y, dy_const, a * dbeta + m * coef_one
 
 
+def adam_twin(xp, opt, p, g, m, v, step_size, sqrt_bc2):
+    """Adam's step in place on p, m, v: optim.Adam._update (its docstring has the formula)."""
+    opt._update(p, g, m, v, step_size, sqrt_bc2)
+
+
 def channel_sum(xp, x):
     if not enabled(xp):
         return channel_sum_twin(xp, x)
@@ -320,6 +336,13 @@ def block_backward_constants(xp, gamma, inv_std, sign, mean, dgamma, dbeta, m, t
     return _kernel("block_backward_constants")(gamma, inv_std, sign, mean, dgamma, dbeta, m, int(train))
 
 
+def adam(xp, opt, p, g, m, v, step_size, sqrt_bc2):
+    if not enabled(xp):
+        return adam_twin(xp, opt, p, g, m, v, step_size, sqrt_bc2)
+    b1, b2 = opt.betas
+    _kernel("adam")(g, b1, 1 - b1, b2, 1 - b2, step_size, sqrt_bc2, opt.eps, opt.weight_decay, p, m, v)
+
+
 class NumpyStandIn:
     """Stands in for the compiled kernel ``name`` on NumPy, with its calling convention (an
     elementwise kernel takes its outputs as trailing arguments or returns new ones; a reduction
@@ -358,6 +381,15 @@ class NumpyStandIn:
             return running_mean, running_var
         if name == "block_constants":
             return block_constants_twin(xp, *args)
+        if name == "adam":
+            g, b1, one_minus_b1, b2, one_minus_b2, step_size, sqrt_bc2, eps, weight_decay, p, m, v = args
+            g = g + weight_decay * p if weight_decay else g
+            m *= b1
+            m += one_minus_b1 * g
+            v *= b2
+            v += one_minus_b2 * g * g
+            p -= step_size * m / (np.sqrt(v) / sqrt_bc2 + eps)
+            return p, m, v
         if name == "block_backward_constants":
             *rest, train = args
             return block_backward_constants_twin(xp, *rest, bool(train))

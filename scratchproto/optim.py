@@ -1,7 +1,7 @@
 """Adam with PyTorch's update rule, and the paper's step schedule for the learning rate."""
 import numpy as np
 
-from . import backend
+from . import backend, kernels
 from .fast import over_images
 
 
@@ -44,8 +44,12 @@ class Adam:
             # a block of about 1 MB of each flat array at a time, on every thread: the update's
             # temporaries stay in the cache (ResNet-18's 11 M parameters: 45 MB per array)
             p, g, m, v = self.net.flat_params, self.net.flat_grads, self.m_flat, self.v_flat
-            over_images(self.net.xp, p.size, 1, lambda i0, i1: self._update(
-                p[i0:i1], g[i0:i1], m[i0:i1], v[i0:i1], step_size, sqrt_bc2))
+            xp = self.net.xp
+            if kernels.enabled(xp):        # on a GPU: the whole step in one kernel
+                kernels.adam(xp, self, p, g, m, v, step_size, sqrt_bc2)
+            else:
+                over_images(xp, p.size, 1, lambda i0, i1: self._update(
+                    p[i0:i1], g[i0:i1], m[i0:i1], v[i0:i1], step_size, sqrt_bc2))
         else:
             for name, p, g in self.net.named_parameters():
                 self._update(p, g, self.m[name], self.v[name], step_size, sqrt_bc2)

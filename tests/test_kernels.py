@@ -150,6 +150,15 @@ def test_cupy_kernels_match_their_twins(monkeypatch, dtype, rtol):
         kernels.running_stats(cp, bns[0], vec[0], vec[1], 37)
         kernels.running_stats_twin(cp, bns[1], vec[0], vec[1], 37)
         pairs += [(bns[0].buffers[k], bns[1].buffers[k]) for k in bns[0].buffers]
+        from scratchproto import Adam, build_backbone
+        net = build_backbone("convnet", seed=0, width=8, xp=cp, dtype=dtype)
+        opt = Adam(net, weight_decay=1e-3)
+        flat = [cp.asarray(rng.standard_normal(net.flat_params.size), dtype=dtype) for _ in range(4)]
+        flat[3] = cp.abs(flat[3])                                              # v >= 0
+        copies = [[a.copy() for a in flat] for _ in range(2)]
+        kernels.adam(cp, opt, *copies[0], 0.01, 0.3)
+        kernels.adam_twin(cp, opt, *copies[1], 0.01, 0.3)
+        pairs += [(copies[0][k], copies[1][k]) for k in (0, 2, 3)]             # p, m, v
         if shape[1] > 1:
             xr = cp.round(x)                                     # ties in the windows
             pairs += list(zip(kernels.pool_bn_relu(cp, xr, vec[1], vec[0]), kernels.pool_bn_relu_twin(cp, xr, vec[1], vec[0])))
@@ -178,3 +187,23 @@ def test_the_conv_block_on_its_kernel_path_matches_the_plain_sequence(monkeypatc
         x = np.round(rng.standard_normal((4, size, size, c_in)), 1)   # rounded: ties in the windows
         _assert_same(plain, quick, x, train, rng)
         assert quick.cache.winner is not None                       # the kernel path ran
+
+
+def test_adam_on_its_kernel_path_matches_the_flat_step(monkeypatch):
+    """optim.Adam's step through kernels.adam (here the stand-in) gives the flat step's numbers."""
+    from scratchproto import Adam, build_backbone
+    nets = [build_backbone("convnet", seed=0, width=8, dtype=F64) for _ in range(2)]
+    opts = [Adam(net, lr=1e-2, weight_decay=1e-3) for net in nets]
+    rng = np.random.default_rng(4)
+    for step in range(3):
+        g = rng.standard_normal(nets[0].flat_grads.shape)
+        for i, (net, opt) in enumerate(zip(nets, opts)):
+            net.flat_grads[...] = g
+            with monkeypatch.context() as patch:
+                if i == 1:
+                    patch.setattr(kernels, "enabled", lambda xp: True)
+                    patch.setattr(kernels, "_kernel", StandIn)
+                opt.step()
+    np.testing.assert_allclose(nets[1].flat_params, nets[0].flat_params, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(opts[1].v_flat, opts[0].v_flat, rtol=1e-14, atol=0)
+    assert not np.array_equal(nets[0].flat_params, build_backbone("convnet", seed=0, width=8, dtype=F64).flat_params)
