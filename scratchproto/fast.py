@@ -462,10 +462,8 @@ class ConvBlock(Workspace, Sequential):
             # mode backward: gradient checks): make the whole y' after all, in (N, H, W) order
             cols, (n, h, w) = self.conv.narrow_cols(self.cache.x)
             y = (cols @ (self.conv._wmat() * sign)).reshape(n, h, w, -1)
-        if kernels.enabled(xp):
-            dz = dout * (out > 0)                               # through the ReLU, on the quarter
-            xhat_pooled = (pooled - mean) * (sign * inv_std)    # the normalised winners
-            dbeta, dgamma = kernels.channel_sum(xp, dz), kernels.channel_dot(xp, dz, xhat_pooled)
+        if kernels.enabled(xp):     # through the ReLU, against the normalised winners, in two reductions
+            dz, (dbeta, dgamma) = None, kernels.relu_sums(xp, dout, out, pooled, mean, sign * inv_std)
         else:
             dz, dbeta, dgamma = self._relu_and_bn_grads(dout, out, pooled, mean, sign * inv_std)
         bn.grads["weight"] += dgamma
@@ -480,11 +478,10 @@ class ConvBlock(Workspace, Sequential):
         if "bias" in self.conv.params:
             self.conv.grads["bias"] += bias_grad
         if gram is not None and not need_dx:
-            dz *= a
-            return self._narrow_weight_grad(dz, dy_per_y, dy_const, gram)
+            a_dz = a * dout * (out > 0) if dz is None else xp.multiply(dz, a, out=dz)
+            return self._narrow_weight_grad(a_dz, dy_per_y, dy_const, gram)
         if kernels.enabled(xp):                     # the kernel path: dy in one kernel
-            dz *= a
-            return self.conv.conv_backward(kernels.conv_block_dy(xp, y, dy_per_y, dy_const, dz, winner), need_dx)
+            return self.conv.conv_backward(kernels.conv_block_dy(xp, y, dy_per_y, dy_const, a, dout, out, winner), need_dx)
         return self.conv.conv_backward(self._dy_in_place(y, pooled, winner, dz, a, dy_per_y, dy_const), need_dx)
 
     def _relu_and_bn_grads(self, dout, out, pooled, mean, s):

@@ -12,8 +12,11 @@ transposing copies. Each entry here does one such group in one kernel:
   (lesson 3) with the per-channel constants a = gamma / sigma, cb = sum(d) / m, cg = sum(d xhat) / m;
 * ``pool_bn_relu(y, scale, shift)``: the ConvNet block's forward after its convolution (fast.py's
   ConvBlock): 2x2 max-pooling with the index of the first maximum, then relu(scale * max + shift);
-* ``conv_block_dy(y, dy_per_y, dy_const, a_dz, winner)``: its backward to the convolution's
-  output, dy = dy_per_y * y + dy_const everywhere, plus a_dz at each window's winner;
+* ``relu_sums(dout, out, pooled, mean, s)``: its BatchNorm gradients through the ReLU, per channel
+  sum(dz) and sum(dz * (pooled - mean) * s) with dz = dout where out > 0 (two reductions);
+* ``conv_block_dy(y, dy_per_y, dy_const, a, dout, out, winner)``: its backward to the
+  convolution's output, dy = dy_per_y * y + dy_const everywhere, plus a * dout at each window's
+  winner where the ReLU let it through;
 * ``running_stats(bn, mean, var, m)``: BatchNorm's running statistics moved towards a batch's;
 * ``block_constants(...)`` / ``block_backward_constants(...)``: the block's per-channel constants,
   forward (1/sigma, scale, shift) and backward (the coefficients of dy), a dozen tiny operations
@@ -80,7 +83,7 @@ ELEMENTWISE = {
         """),
     # over the convolution's output (N, H, W, C); the pooled arrays are read raw
     "conv_block_dy": (
-        "T y, T dy_per_y, T dy_const, raw T a_dz, raw uint8 winner, int32 H, int32 W, int32 Ho, int32 Wo, int32 C",
+        "T y, T dy_per_y, T dy_const, raw T a, raw T dout, raw T out, raw uint8 winner, int32 H, int32 W, int32 Ho, int32 Wo, int32 C",
         "T dy",
         """
         int c = i % C;
@@ -90,7 +93,7 @@ ELEMENTWISE = {
         T g = dy_per_y * y + dy_const;
         if (h < 2 * Ho && w < 2 * Wo) {
             long long j = (((long long)n * Ho + h / 2) * Wo + w / 2) * C + c;
-            if (winner[j] == (h % 2) * 2 + (w % 2)) g += a_dz[j];
+            if (winner[j] == (h % 2) * 2 + (w % 2) && out[j] > (T)0) g += a[c] * dout[j];
         }
         dy = g;
         """),
@@ -141,6 +144,10 @@ REDUCTIONS = {
     "channel_dot": ("T x, T w", "T s", "(double)x * (double)w", "a + b", "s = (T)a", "0"),
     "channel_sq_dev": ("T x, T mu", "T s", "((double)x - (double)mu) * ((double)x - (double)mu)",
                        "a + b", "s = (T)a", "0"),
+    "relu_sum": ("T d, T out", "T s", "out > (T)0 ? (double)d : 0.0", "a + b", "s = (T)a", "0"),
+    "relu_dot_centered": ("T d, T out, T x, T mu, T scale", "T s",
+                          "out > (T)0 ? (double)d * (((double)x - (double)mu) * (double)scale) : 0.0",
+                          "a + b", "s = (T)a", "0"),
 }
 
 _compiled = {}
@@ -223,9 +230,18 @@ def pool_bn_relu_twin(xp, y, scale, shift):
     return pooled, out, winner
 
 
-def conv_block_dy_twin(xp, y, dy_per_y, dy_const, a_dz, winner):
-    """dy = dy_per_y * y + dy_const over y (N, H, W, C), plus a_dz (N, H//2, W//2, C) at each
-    window's winner (rows and columns that floor mode drops get only the first two terms)."""
+def relu_sums_twin(xp, dout, out, pooled, mean, s):
+    """With dz = dout where out > 0 (the ReLU's gradient; all (N, H, W, C)): per channel
+    (sum of dz, sum of dz * (pooled - mean) * s), in float64. Returns (dbeta, dgamma)."""
+    dz = dout * (out > 0)
+    return channel_sum_twin(xp, dz), channel_dot_twin(xp, dz, (pooled - mean) * s)
+
+
+def conv_block_dy_twin(xp, y, dy_per_y, dy_const, a, dout, out, winner):
+    """dy = dy_per_y * y + dy_const over y (N, H, W, C), plus a * dout (dout, out: N, H//2, W//2, C)
+    at each window's winner where out > 0 (rows and columns that floor mode drops get only the
+    first two terms)."""
+    a_dz = a * dout * (out > 0)
     dy = y * dy_per_y + dy_const
     for q, view in enumerate(_window_positions(dy)):
         view += xp.where(winner == q, a_dz, 0)
@@ -308,12 +324,20 @@ def pool_bn_relu(xp, y, scale, shift):
     return pooled, out, winner
 
 
-def conv_block_dy(xp, y, dy_per_y, dy_const, a_dz, winner):
+def relu_sums(xp, dout, out, pooled, mean, s):
     if not enabled(xp):
-        return conv_block_dy_twin(xp, y, dy_per_y, dy_const, a_dz, winner)
+        return relu_sums_twin(xp, dout, out, pooled, mean, s)
+    d2, o2 = _channels_last_2d(dout), _channels_last_2d(out)
+    return (_kernel("relu_sum")(d2, o2, axis=0),
+            _kernel("relu_dot_centered")(d2, o2, _channels_last_2d(pooled), mean, s, axis=0))
+
+
+def conv_block_dy(xp, y, dy_per_y, dy_const, a, dout, out, winner):
+    if not enabled(xp):
+        return conv_block_dy_twin(xp, y, dy_per_y, dy_const, a, dout, out, winner)
     n, h, w, c = y.shape
-    return _kernel("conv_block_dy")(y, dy_per_y, dy_const, xp.ascontiguousarray(a_dz), winner,
-                                    h, w, h // 2, w // 2, c)
+    return _kernel("conv_block_dy")(y, dy_per_y, dy_const, a, xp.ascontiguousarray(dout),
+                                    xp.ascontiguousarray(out), winner, h, w, h // 2, w // 2, c)
 
 
 def running_stats(xp, bn, mean, var, m):
@@ -369,9 +393,9 @@ class NumpyStandIn:
                 dest[...] = value
             return outs
         if name == "conv_block_dy":
-            y, dy_per_y, dy_const, a_dz, winner, h, w, ho, wo, c = args
-            assert winner.dtype == np.uint8 and a_dz.shape == (y.shape[0], ho, wo, c)
-            return conv_block_dy_twin(xp, y, dy_per_y, dy_const, a_dz, winner)
+            y, dy_per_y, dy_const, a, dout, out, winner, h, w, ho, wo, c = args
+            assert winner.dtype == np.uint8 and dout.shape == out.shape == (y.shape[0], ho, wo, c)
+            return conv_block_dy_twin(xp, y, dy_per_y, dy_const, a, dout, out, winner)
         if name == "running_stats":
             mean, var, mom, unbias, running_mean, running_var = args
             running_mean *= 1 - mom
@@ -399,6 +423,11 @@ class NumpyStandIn:
             s = x.sum(axis=0)
         elif name == "channel_dot":
             s = (x * args[1]).sum(axis=0)
+        elif name == "relu_sum":
+            s = (x * (args[1] > 0)).sum(axis=0)
+        elif name == "relu_dot_centered":
+            d, out, pooled, mu, scale = args
+            s = (x * (out > 0) * ((pooled.astype(np.float64) - mu) * scale)).sum(axis=0)
         else:
             s = ((x - args[1]) ** 2).sum(axis=0)
         return s.astype(args[0].dtype)

@@ -162,10 +162,12 @@ def test_cupy_kernels_match_their_twins(monkeypatch, dtype, rtol):
         if shape[1] > 1:
             xr = cp.round(x)                                     # ties in the windows
             pairs += list(zip(kernels.pool_bn_relu(cp, xr, vec[1], vec[0]), kernels.pool_bn_relu_twin(cp, xr, vec[1], vec[0])))
-            _, _, winner = kernels.pool_bn_relu_twin(cp, xr, vec[1], vec[0])
-            a_dz = cp.asarray(rng.standard_normal(winner.shape), dtype=dtype)
-            pairs.append((kernels.conv_block_dy(cp, xr, vec[2], vec[3], a_dz, winner),
-                          kernels.conv_block_dy_twin(cp, xr, vec[2], vec[3], a_dz, winner)))
+            pooled, out, winner = kernels.pool_bn_relu_twin(cp, xr, vec[1], vec[0])
+            dout = cp.asarray(rng.standard_normal(winner.shape), dtype=dtype)
+            pairs.append((kernels.conv_block_dy(cp, xr, vec[2], vec[3], vec[0], dout, out, winner),
+                          kernels.conv_block_dy_twin(cp, xr, vec[2], vec[3], vec[0], dout, out, winner)))
+            pairs += list(zip(kernels.relu_sums(cp, dout, out, pooled, vec[3], vec[1]),
+                              kernels.relu_sums_twin(cp, dout, out, pooled, vec[3], vec[1])))
         for a, b in pairs:
             np.testing.assert_allclose(cp.asnumpy(a), cp.asnumpy(b), rtol=rtol, atol=rtol)
 
