@@ -179,6 +179,13 @@ class FastConv2d(Workspace, Conv2d):
             xpad[n0:n1], shape=(n1 - n0, ho, wo, self.k, self.k, xpad.shape[3]),
             strides=(s0, st * s1, st * s2, s1, s2, s3))
 
+    def padded(self, x, pad, name="xpad"):
+        """x (N, H, W, C) copied into the workspace ``name`` inside a zero border of width pad."""
+        n, h, w, c = x.shape
+        xpad = self.workspace(name, (n, h + 2 * pad, w + 2 * pad, c), x.dtype, zero_border=pad)
+        copy_images(self.xp, xpad[:, pad:pad + h, pad:pad + w], x)
+        return xpad
+
     def _chunks(self, n, ho, wo, c):
         per_image = ho * wo * self.k * self.k * c
         if self.xp is np:
@@ -204,8 +211,7 @@ class FastConv2d(Workspace, Conv2d):
         xp, k = self.xp, self.k
         n, h, w, c = x.shape
         ho, wo = output_size(h, k, stride, pad), output_size(w, k, stride, pad)
-        xpad = self.workspace(name, (n, h + 2 * pad, w + 2 * pad, c), x.dtype, zero_border=pad)
-        copy_images(xp, xpad[:, pad:pad + h, pad:pad + w], x)
+        xpad = self.padded(x, pad, name)
         shape = (n * ho * wo, wmat.shape[1])
         y = self.workspace(name + "_out", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
         chunks = self._chunks(n, ho, wo, c)
@@ -254,8 +260,7 @@ class FastConv2d(Workspace, Conv2d):
         xp, k, s, p = self.xp, self.k, self.stride, self.padding
         n, h, w, c = x.shape
         ho, wo = output_size(h, k, s, p), output_size(w, k, s, p)
-        xpad = self.workspace("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, zero_border=p)
-        copy_images(xp, xpad[:, p:p + h, p:p + w], x)
+        xpad = self.padded(x, p)
         cols = self.workspace("cols", (n * ho * wo, k * k * c), x.dtype)
         copy_images(xp, cols.reshape(n, ho, wo, k, k, c), self._window_view(xpad, 0, n, ho, wo, s))
         self.cache = NarrowConvCache(cols, x.shape)
@@ -402,18 +407,13 @@ class ConvBlock(Workspace, Sequential):
         each 2x2-window position are contiguous. The pooling then compares contiguous arrays, and
         the weight gradient takes each position's rows without gathering them. (Same 'same'
         convolution as conv.narrow_cols, whose rows are in (N, H, W) order.)"""
-        xp, k, p = self.xp, self.conv.k, self.conv.padding
-        n, h, w, c = x.shape
-        xpad = self.workspace("xpad", (n, h + 2 * p, w + 2 * p, c), x.dtype, zero_border=p)
-        copy_images(xp, xpad[:, p:p + h, p:p + w], x)
-        cols = self.workspace("window_cols", (4, n, h // 2, w // 2, k, k, c), x.dtype)
-        s0, s1, s2, s3 = xpad.strides
-        for q in range(4):
+        conv, (n, h, w, c) = self.conv, x.shape
+        xpad = conv.padded(x, conv.padding)
+        cols = self.workspace("window_cols", (4, n, h // 2, w // 2, conv.k, conv.k, c), x.dtype)
+        for q in range(4):       # windows at stride 2 from (i, j): positions (2i' + i + kh, 2j' + j + kw)
             i, j = divmod(q, 2)
-            windows_q = xp.lib.stride_tricks.as_strided(      # position (2i' + i + kh, 2j' + j + kw)
-                xpad[:, i:, j:], shape=cols.shape[1:], strides=(s0, 2 * s1, 2 * s2, s1, s2, s3))
-            copy_images(xp, cols[q], windows_q)
-        return cols.reshape(4, n, h // 2, w // 2, k * k * c)
+            copy_images(self.xp, cols[q], conv._window_view(xpad[:, i:, j:], 0, n, h // 2, w // 2, 2))
+        return cols.reshape(4, n, h // 2, w // 2, -1)
 
     def _pool_block(self, y, pooled, out, winner, scale, shift):
         """For a block of images: pooled = the max of each 2x2 window of y (N, H, W, C), out =

@@ -406,13 +406,9 @@ class NumpyStandIn:
         if name == "block_constants":
             return block_constants_twin(xp, *args)
         if name == "adam":
-            g, b1, one_minus_b1, b2, one_minus_b2, step_size, sqrt_bc2, eps, weight_decay, p, m, v = args
-            g = g + weight_decay * p if weight_decay else g
-            m *= b1
-            m += one_minus_b1 * g
-            v *= b2
-            v += one_minus_b2 * g * g
-            p -= step_size * m / (np.sqrt(v) / sqrt_bc2 + eps)
+            from .optim import adam_update       # (optim imports this module)
+            g, b1, _, b2, _, step_size, sqrt_bc2, eps, weight_decay, p, m, v = args
+            adam_update(xp, p, g, m, v, (b1, b2), eps, weight_decay, step_size, sqrt_bc2)
             return p, m, v
         if name == "block_backward_constants":
             *rest, train = args

@@ -56,14 +56,7 @@ class Adam:
 
     def _update(self, p, g, m, v, step_size, sqrt_bc2):
         """The update of the class docstring, in place on p, m and v."""
-        b1, b2 = self.betas
-        if self.weight_decay:
-            g = g + self.weight_decay * p
-        m *= b1
-        m += (1 - b1) * g
-        v *= b2
-        v += (1 - b2) * g * g
-        p -= step_size * m / (self.net.xp.sqrt(v) / sqrt_bc2 + self.eps)
+        adam_update(self.net.xp, p, g, m, v, self.betas, self.eps, self.weight_decay, step_size, sqrt_bc2)
 
     def state_dict(self):
         """Host arrays and numbers: enough to continue exactly where it stopped."""
@@ -80,6 +73,19 @@ class Adam:
         for name in self.m:
             self.m[name][...] = self.net.xp.asarray(sd[f"m.{name}"])
             self.v[name][...] = self.net.xp.asarray(sd[f"v.{name}"])
+
+
+def adam_update(xp, p, g, m, v, betas, eps, weight_decay, step_size, sqrt_bc2):
+    """Adam's step (the class docstring) in place on p, m and v, with step_size = lr / (1 - b1^t)
+    and sqrt_bc2 = sqrt(1 - b2^t)."""
+    b1, b2 = betas
+    if weight_decay:
+        g = g + weight_decay * p
+    m *= b1
+    m += (1 - b1) * g
+    v *= b2
+    v += (1 - b2) * g * g
+    p -= step_size * m / (xp.sqrt(v) / sqrt_bc2 + eps)
 
 
 def step_lr(lr0, epoch, step=20, gamma=0.5):
