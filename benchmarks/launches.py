@@ -7,10 +7,11 @@
 Runs one training episode (forward, ProtoNet loss, NC metrics, backward, Adam step) on NumPy
 arrays that count what is done to them: every ufunc call (arithmetic, comparisons, reductions,
 matmul), every NumPy function (einsum, concatenate, ...), every write through an index
-(``a[...] = b``: a copy kernel) and every array made by the array module. ``--kernels`` runs
+(``a[...] = b``: a copy kernel) and every array made by the array module (but not an asarray or
+ascontiguousarray that returns its device input unchanged, as CuPy does without a kernel). ``--kernels`` runs
 kernels.py's path, each kernel replaced by its NumPy twin counted as one operation, which is what
 the GPU would launch with SCRATCHPROTO_KERNELS=1. Views (reshape, slicing, transpose) are free and
-not counted. The GPU issue's budget: at most 150 operations for the ConvNet, 500 for ResNet-18.
+not counted (a reshape that has to copy is). The GPU issue's budget: at most 150 operations for the ConvNet, 500 for ResNet-18.
 """
 import argparse
 import collections
@@ -70,10 +71,22 @@ class Counted(np.ndarray):
             COUNTS["copy()"] += 1
         return _wrap(np.ndarray.copy(self.view(np.ndarray), *a, **k))
 
+    def reshape(self, *a, **k):      # free when it makes a view, a copy kernel when it cannot
+        plain = self.view(np.ndarray)
+        result = np.ndarray.reshape(plain, *a, **k)
+        if _active[0] and result.size and not np.shares_memory(result, plain):
+            COUNTS["copy (reshape)"] += 1
+        return _wrap(result)
+
+    def argmax(self, *a, **k):       # (a reduction that is not a ufunc's)
+        if _active[0]:
+            COUNTS["argmax"] += 1
+        return _wrap(np.ndarray.argmax(self.view(np.ndarray), *a, **k))
+
 
 # functions that only make views or read shapes: free on a GPU too
 FREE = {"reshape", "transpose", "shape", "ndim", "broadcast_to", "as_strided", "ravel", "squeeze",
-        "expand_dims", "result_type", "can_cast", "iterable", "size"}
+        "expand_dims", "result_type", "can_cast", "iterable", "size", "diagonal"}
 
 
 def _wrap(x):
@@ -94,6 +107,13 @@ def _unwrap(x):
     return x
 
 
+def _unchanged(name, source, result):
+    """Whether asarray / ascontiguousarray handed back a device array as it was (CuPy returns
+    the array itself then: no kernel). An asarray of a host array is a transfer, and counts."""
+    return (name in ("asarray", "ascontiguousarray") and isinstance(source, Counted)
+            and np.shares_memory(source.view(np.ndarray), result))
+
+
 def counting_module():
     """NumPy, with every array it makes a Counted (creating one counts, as a GPU allocation plus a
     fill would, except np.empty)."""
@@ -105,9 +125,10 @@ def counting_module():
         real = getattr(np, name)
 
         def f(*a, **k):
-            if counted and _active[0]:
+            result = real(*_unwrap(a), **_unwrap(k))
+            if counted and _active[0] and not _unchanged(name, a[0] if a else None, result):
                 COUNTS[f"make {name}"] += 1
-            return _wrap(real(*_unwrap(a), **_unwrap(k)))
+            return _wrap(result)
         return f
     for name in ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "asarray", "array",
                  "ascontiguousarray", "arange", "eye"):
@@ -134,24 +155,35 @@ class StandInKernels(kernels.NumpyStandIn):
 
 
 def count_episode(backbone, way, shot, query, use_kernels):
-    """The Counter of one training episode's operations (after a warm-up episode)."""
+    """The Counter of one training episode's operations (after a warm-up episode). The library's
+    hooks it patches (backend.xp_of and to_host, kernels.enabled and _kernel) are restored after."""
     xp = counting_module()
+    saved = (sp.backend.xp_of, sp.backend.to_host, kernels.enabled, kernels._kernel)
+    real_xp_of, real_to_host = saved[:2]
+
+    def to_host(a):                # a copy from the GPU: one operation
+        if isinstance(a, Counted) and _active[0]:
+            COUNTS["copy to host"] += 1
+        return real_to_host(_unwrap(a))
     # the code that finds its array module from an array (the loss, the NC metrics) finds this one
-    real_xp_of = sp.backend.xp_of
     sp.backend.xp_of = lambda a: xp if isinstance(a, Counted) else real_xp_of(a)
+    sp.backend.to_host = to_host
     if use_kernels:
         kernels.enabled = lambda x: x is xp
         kernels._kernel = StandInKernels
-    net = sp.build_backbone(backbone, seed=0, xp=xp)
-    model, opt = sp.ProtoNet(net), sp.Adam(net)
-    rng = np.random.default_rng(0)
-    xs = (rng.random((way, shot, 1, 28, 28)) > 0.85).astype(np.float32)
-    xq = (rng.random((way, query, 1, 28, 28)) > 0.85).astype(np.float32)
-    model.episode(xs, xq, train=True)
-    opt.step()
-    COUNTS.clear()
-    model.episode(xs, xq, train=True)
-    opt.step()
+    try:
+        net = sp.build_backbone(backbone, seed=0, xp=xp)
+        model, opt = sp.ProtoNet(net), sp.Adam(net)
+        rng = np.random.default_rng(0)
+        xs = (rng.random((way, shot, 1, 28, 28)) > 0.85).astype(np.float32)
+        xq = (rng.random((way, query, 1, 28, 28)) > 0.85).astype(np.float32)
+        model.episode(xs, xq, train=True)
+        opt.step()
+        COUNTS.clear()
+        model.episode(xs, xq, train=True)
+        opt.step()
+    finally:
+        sp.backend.xp_of, sp.backend.to_host, kernels.enabled, kernels._kernel = saved
     return collections.Counter(COUNTS)
 
 

@@ -12,7 +12,7 @@ Parameter and buffer names are those of the reference PyTorch ProtoNet (``encode
 import numpy as np
 
 from . import backend
-from .fast import ConvBlock, FastBasicBlock, FastConv2d
+from .fast import ConvBlock, FastBasicBlock, FastBatchNorm2d, FastConv2d
 from .layers import (AvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, MaxPool2d, Module,
                      ReLU, RepeatChannels, Sequential)
 
@@ -41,7 +41,7 @@ class ResNet18(Module):
         kw = dict(xp=xp, dtype=dtype)
         self.repeat = RepeatChannels(3, **kw)
         self.conv1 = (FastConv2d if fast else Conv2d)(3, 64, 3, 1, 1, bias=False, rng=rng, **kw)
-        self.bn1 = BatchNorm2d(64, **kw)
+        self.bn1 = (FastBatchNorm2d if fast else BatchNorm2d)(64, **kw)
         self.relu = ReLU(**kw)
         self.children = [("conv1", self.conv1), ("bn1", self.bn1)]
         c_in, self.stages = 64, []

@@ -19,22 +19,28 @@ With one sample per class (K = 1, a 1-shot support set) there is no within-class
 measure: nc1 and cdnv would be 0 by construction, not by collapse, so they are None (null in
 trace.jsonl and eval.json; the figures leave them out and say why).
 
-All are computed in float64, on the device that holds the features (NumPy or CuPy: no copy of
-the embeddings to the host, and one small copy of the results), with no data-dependent branch
-or shape, so that a GPU never waits for the host in the middle. A simplex ETF of class means makes nc2, nc2_unit,
-equinorm and equiangle zero; features sitting on their class means make nc1 and cdnv zero; all
-are unchanged by a global shift, rotation or scaling of the features.
+All are computed in float64 and in two halves. On the device that holds the features (NumPy or
+CuPy) go the parts that touch all N*K*d numbers, as a dozen array operations: the class means,
+the Gram matrix of the centred means G = H H^T (N, N), the within-class projections onto them,
+M = (E H^T)^T (E H^T) (N, N), E (NK, d) being the features minus their class means, and the
+within-class variances V_n. One small array of these (2 N^2 + N numbers) is copied to the host,
+which finishes the metrics from it in NumPy: on a GPU each array operation is a kernel launch,
+and the N x N finish would be some fifty of them. A simplex ETF of class means makes nc2,
+nc2_unit, equinorm and equiangle zero; features sitting on their class means make nc1 and cdnv
+zero; all are unchanged by a global shift, rotation or scaling of the features.
 
 The pseudo-inverse cut-off. Sigma_B has rank at most N-1, so Sigma_B^+ inverts only its non-null
 directions. Singular values below max(d, N) * eps(float32) times the largest are treated as zero,
 the default of torch.linalg.pinv for float32 inputs: the features are float32, so smaller
 directions are rounding noise, and inverting them would explode nc1.
 
-No d x d matrix is formed (d = 512 for ResNet-18): with the thin SVD H = U S V^T,
+No d x d matrix is formed (d = 512 for ResNet-18). With the thin SVD H = U S V^T,
 Sigma_B^+ = N V S^-2 V^T on the kept directions, so
     nc1 = (1/N) tr(Sigma_W N V S^-2 V^T) = sum_i ||E v_i||^2 / (N K s_i^2),
-E (NK, d) being the features minus their class means; only N x d and NK x N products remain
-(the dropped directions get weight 0 rather than being cut out, which keeps every shape fixed).
+and since v_i = H^T u_i / s_i, ||E v_i||^2 = u_i^T M u_i / s_i^2, where u_i and s_i^2 are the
+eigenvectors and eigenvalues of G: nc1 = sum_i u_i^T M u_i / (N K s_i^4), from G and M alone
+(lesson 7 derives it). The distances between class means come from G too:
+||mu_n - mu_m||^2 = G_nn + G_mm - 2 G_nm, and the cosines, G_nm / sqrt(G_nn G_mm).
 """
 import numpy as np
 
@@ -45,45 +51,66 @@ WITHIN_CLASS = ("nc1", "cdnv")      # undefined (None) with one sample per class
 PINV_RTOL = np.finfo(np.float32).eps
 
 
-def _etf_distance(h_c, xp):
-    """|| G/||G||_F - (I - 11^T/N)/sqrt(N-1) ||_F for the Gram matrix G of the rows of h_c."""
-    n = h_c.shape[0]
-    gram = h_c @ h_c.T
-    target = (xp.eye(n) - 1.0 / n) / np.sqrt(n - 1)
-    return xp.linalg.norm(gram / xp.linalg.norm(gram) - target)
+def _etf_distance(gram):
+    """|| G/||G||_F - (I - 11^T/N)/sqrt(N-1) ||_F for a Gram matrix G (N, N) (NumPy)."""
+    n = gram.shape[0]
+    target = (np.eye(n) - 1.0 / n) / np.sqrt(n - 1)
+    return float(np.linalg.norm(gram / np.linalg.norm(gram) - target))
+
+
+def collapse_summaries(h):
+    """The device half: for features h (N, K, d), or a stack of B such sets (B, N, K, d), the
+    float64 array (B, 2 N^2 + N) of [G, M, V] (see the module docstring), on h's device."""
+    xp = backend.xp_of(h)
+    h = xp.asarray(h, dtype=np.float64)
+    h = h.reshape((-1,) + h.shape[-3:])             # (B, N, K, d)
+    b, n, k, d = h.shape
+    means = h.mean(axis=2)                          # (B, N, d)
+    centred = means - means.mean(axis=1, keepdims=True)      # H
+    within = h - means[:, :, None, :]               # E, (B, N, K, d)
+    centred_t = centred.transpose(0, 2, 1)          # (B, d, N)
+    gram = centred @ centred_t                      # G = H H^T
+    proj = within.reshape(b, n * k, d) @ centred_t  # E H^T (B, NK, N)
+    m = proj.transpose(0, 2, 1) @ proj              # M
+    var = (within * within).sum(axis=(2, 3))        # K V_n: the host divides by K
+    return xp.concatenate([gram.reshape(b, -1), m.reshape(b, -1), var], axis=1)
+
+
+def metrics_from_summaries(summary, n, k, d):
+    """The host half: every metric from one row [G, M, K V] of collapse_summaries (NumPy)."""
+    gram = summary[:n * n].reshape(n, n)
+    m = summary[n * n:2 * n * n].reshape(n, n)
+    var = summary[2 * n * n:] / k                   # V_n
+    eig, u = np.linalg.eigh(gram)                   # eig = s_i^2
+    keep = eig > max(d, n) * PINV_RTOL * eig.max()  # all False when H = 0: then nc1 = 0
+    spread = np.einsum("ji,jl,li->i", u, m, u)      # u_i^T M u_i = s_i^2 ||E v_i||^2
+    nc1 = (spread[keep] / eig[keep] ** 2).sum() / (n * k)
+    sq_norms = np.maximum(np.diag(gram), 0.0)
+    norms = np.sqrt(sq_norms)
+    safe = np.maximum(norms, 1e-300)
+    cos = gram / safe[:, None] / safe[None, :]      # Gram matrix of the unit-length rows of H
+    pairs = np.triu_indices(n, 1)
+    dist2 = sq_norms[:, None] + sq_norms[None, :] - 2 * gram
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cdnv = (var[:, None] + var[None, :]) / (2 * dist2)
+    out = {"nc1": float(nc1), "nc2": _etf_distance(gram), "nc2_unit": _etf_distance(cos),
+           "equinorm": float(norms.std() / norms.mean()),
+           "equiangle": float(np.abs(cos[pairs] + 1.0 / (n - 1)).mean()), "cdnv": float(cdnv[pairs].mean())}
+    if k == 1:
+        out.update(dict.fromkeys(WITHIN_CLASS))
+    return out
 
 
 def collapse_metrics(h):
     """Every metric above for features h: (N, K, d) array (NumPy or CuPy; N >= 2). Returns
-    {name: float}, with None for the WITHIN_CLASS metrics when K = 1."""
-    xp = backend.xp_of(h) if not isinstance(h, (list, tuple)) else np
-    h = xp.asarray(h, dtype=np.float64)
-    if h.ndim != 3 or h.shape[0] < 2 or h.shape[1] < 1:
+    {name: float}, with None for the WITHIN_CLASS metrics when K = 1. A stack (B, N, K, d) of
+    same-shaped sets (an episode's support and query, when shot = query) gives a list of B such
+    dicts, for the one copy to the host."""
+    if isinstance(h, (list, tuple)):
+        h = np.asarray(h)
+    if h.ndim not in (3, 4) or h.shape[-3] < 2 or h.shape[-2] < 1:
         raise ValueError(f"features must be (N >= 2 classes, K >= 1 samples, d), got {h.shape}")
-    n, k, d = h.shape
-    means = h.mean(axis=1)                          # (N, d)
-    centred = means - means.mean(axis=0)            # H: (N, d)
-    within = (h - means[:, None, :]).reshape(n * k, d)   # E: (NK, d)
-
-    # nc1 through the thin SVD of H (see the module docstring)
-    _, s, vt = xp.linalg.svd(centred, full_matrices=False)
-    eig = s ** 2                                    # N * eigenvalues of Sigma_B
-    keep = eig > max(d, n) * PINV_RTOL * eig.max()  # all False when H = 0: then nc1 = 0
-    inv_eig = xp.where(keep, 1.0 / xp.where(keep, eig, 1.0), 0.0)
-    proj = within @ vt.T                            # (NK, N)
-    nc1 = ((proj ** 2).sum(axis=0) * inv_eig).sum() / (n * k)
-
-    norms = xp.linalg.norm(centred, axis=1)
-    unit = centred / xp.maximum(norms, 1e-300)[:, None]
-    cos = unit @ unit.T
-    pairs = xp.triu_indices(n, 1)
-    var = (within ** 2).sum(axis=1).reshape(n, k).mean(axis=1)    # V_n
-    dist2 = ((means[:, None, :] - means[None, :, :]) ** 2).sum(axis=2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cdnv = (var[:, None] + var[None, :]) / (2 * dist2)
-    values = xp.stack([nc1, _etf_distance(centred, xp), _etf_distance(unit, xp), norms.std() / norms.mean(),
-                       xp.abs(cos[pairs] + 1.0 / (n - 1)).mean(), cdnv[pairs].mean()])
-    out = dict(zip(METRICS, (float(v) for v in backend.to_host(values))))   # the one copy to the host
-    if k == 1:
-        out.update(dict.fromkeys(WITHIN_CLASS))
-    return out
+    n, k, d = h.shape[-3:]
+    rows = backend.to_host(collapse_summaries(h))   # the one copy to the host
+    found = [metrics_from_summaries(row, n, k, d) for row in rows]
+    return found if h.ndim == 4 else found[0]

@@ -47,11 +47,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import backend, kernels
-from .layers import BasicBlock, Conv2d, MaxPool2d, ReLU, Sequential, col2im, output_size, windows
+from .layers import (BasicBlock, BatchNorm2d, BatchNormCache, Conv2d, MaxPool2d, ReLU, Sequential, col2im,
+                     output_size, windows)
 
 # What the fast layers keep for their backward passes, by name.
 NarrowConvCache = namedtuple("NarrowConvCache", "cols x_shape")      # the whole (small) im2col matrix
-ChunkedConvCache = namedtuple("ChunkedConvCache", "x_shape xpad")     # the padded input: im2col chunks are made anew
+ChunkedConvCache = namedtuple("ChunkedConvCache", "x xpad")     # the input, and padded: im2col chunks are made anew
 ConvBlockCache = namedtuple("ConvBlockCache", "y pooled out sign mean inv_std m train gram winner x window_cols")
 FastBasicBlockCache = namedtuple("FastBasicBlockCache", "h xhat1 inv_std1 out xhat2 inv_std2 train")
 
@@ -206,7 +207,7 @@ class FastConv2d(Workspace, Conv2d):
         """sum over taps of the padded x (N, H, W, C) times wmat (k*k*C, C_out), chunk by chunk.
         Returns (y (N, Ho, Wo, C_out), the padded x, which is a workspace named name).
 
-        ``rows_of``: an array (N, Ho, Wo, C') (any strides) whose rows R also meet each chunk of
+        ``rows_of``: a C-contiguous array (N, Ho, Wo, C') whose rows R also meet each chunk of
         im2col rows: then also returns R^T cols (C', k*k*C), summed over the chunks."""
         xp, k = self.xp, self.k
         n, h, w, c = x.shape
@@ -215,14 +216,13 @@ class FastConv2d(Workspace, Conv2d):
         shape = (n * ho * wo, wmat.shape[1])
         y = self.workspace(name + "_out", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
         chunks = self._chunks(n, ho, wo, c)
-        rt_cols = None if rows_of is None else xp.zeros((rows_of.shape[3], k * k * c), dtype=x.dtype)
+        rt_cols = None
         for n0, n1 in chunks:
             cols = self._cols(xpad, n0, n1, ho, wo, stride, chunks[0][1])
             xp.matmul(cols, wmat, out=y[n0 * ho * wo:n1 * ho * wo])
             if rows_of is not None:     # while the chunk is still in the cache
-                rows = self.workspace("rows", (chunks[0][1], ho, wo, rows_of.shape[3]), x.dtype)[:n1 - n0]
-                copy_images(xp, rows, rows_of[n0:n1])
-                rt_cols += rows.reshape(-1, rows.shape[3]).T @ cols
+                rt = rows_of[n0:n1].reshape(-1, rows_of.shape[3]).T @ cols
+                rt_cols = rt if rt_cols is None else xp.add(rt_cols, rt, out=rt_cols)
         y = y.reshape(n, ho, wo, -1)
         return (y, xpad) if rows_of is None else (y, xpad, rt_cols)
 
@@ -251,7 +251,7 @@ class FastConv2d(Workspace, Conv2d):
             self.xp.matmul(cols, wmat, out=y)
             return y.reshape(n, ho, wo, self.c_out)
         y, xpad = self._correlate(x, wmat, self.padding, self.stride, "xpad", reuse)
-        self.cache = ChunkedConvCache(x.shape, xpad)
+        self.cache = ChunkedConvCache(x, xpad)
         return y
 
     def narrow_cols(self, x):
@@ -278,8 +278,8 @@ class FastConv2d(Workspace, Conv2d):
             dcols = self.workspace("dcols", cols.shape, dout.dtype)
             xp.matmul(dy, self._wmat().T, out=dcols)
             return col2im(dcols, x_shape, k, s, p, xp)
-        (n, h, w, c), xpad = self.cache
-        ho, wo = dout.shape[1:3]
+        x, xpad = self.cache
+        (n, h, w, c), (ho, wo) = x.shape, dout.shape[1:3]
         if need_dx and s == 1 and p <= k - 1:
             # dx is the correlation of dy, padded by k-1-p, with the kernel flipped and its
             # in/out swapped: the forward machinery again, instead of scattering dcols (col2im).
@@ -288,19 +288,25 @@ class FastConv2d(Workspace, Conv2d):
             # so dW is x^T cols at tap (k-1-kh, k-1-kw). One im2col per chunk serves both products.
             w_flip = self.params["weight"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1)  # (kh, kw, out, in)
             dx, _, xt_cols = self._correlate(xp.ascontiguousarray(dout), w_flip.reshape(-1, c), k - 1 - p, 1,
-                                             "dypad", rows_of=xpad[:, p:p + h, p:p + w])
+                                             "dypad", rows_of=xp.ascontiguousarray(x))
             dw = xt_cols.reshape(c, k, k, self.c_out)[:, ::-1, ::-1]           # (in, kh, kw, out)
             self.grads["weight"] += dw.transpose(3, 0, 1, 2)
             return dx
         dy = dout.reshape(-1, self.c_out)
-        dw = xp.zeros((k * k * c, self.c_out), dtype=dout.dtype)
+        dw = None
         chunks = self._chunks(n, ho, wo, c)
         for n0, n1 in chunks:
-            dw += self._cols(xpad, n0, n1, ho, wo, s, chunks[0][1]).T @ dy[n0 * ho * wo:n1 * ho * wo]
+            part = self._cols(xpad, n0, n1, ho, wo, s, chunks[0][1]).T @ dy[n0 * ho * wo:n1 * ho * wo]
+            dw = part if dw is None else xp.add(dw, part, out=dw)
         self.grads["weight"] += dw.reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1)
         if not need_dx:
             return None
         wmat = self._wmat()
+        if kernels.enabled(xp):     # each chunk's dx gathered from its dcols in one kernel
+            dx = xp.empty((n, h, w, c), dtype=dout.dtype)
+            for n0, n1 in chunks:
+                kernels.col2im(xp, dy[n0 * ho * wo:n1 * ho * wo] @ wmat.T, (n1 - n0, h, w, c), k, s, p, out=dx[n0:n1])
+            return dx
         dxpad = xp.zeros(xpad.shape, dtype=dout.dtype)
         for n0, n1 in self._chunks(n, ho, wo, c):
             dcols = dy[n0 * ho * wo:n1 * ho * wo] @ wmat.T
@@ -337,8 +343,7 @@ class ConvBlock(Workspace, Sequential):
         gamma = bn.params["weight"]
         # Work with y' = sign(gamma) * conv(x), folded into the weights: BatchNorm's scale on y'
         # is then >= 0 everywhere and max-pooling y' is pooling the normalised output.
-        one = gamma.dtype.type(1)
-        sign = xp.where(gamma >= 0, one, -one)
+        sign = xp.copysign(gamma.dtype.type(1), gamma)     # (for gamma = -0 either sign is right)
         window_cols = cols = None
         if self._conv_in_chunks(x):
             # the narrow first block on the CPU: y' is made and pooled a chunk at a time below
@@ -353,10 +358,12 @@ class ConvBlock(Workspace, Sequential):
                 cols = self.conv.cache.cols
         b = self.conv.params.get("bias")
         gram = None
-        if train and cols is not None and cols.shape[1] <= self.GRAM_MAX_K:
+        if train and cols is not None and cols.shape[1] <= self.GRAM_MAX_K and not kernels.enabled(xp):
             # Direct path for a narrow input (the 1-channel first block): y' = cols @ W', so the
             # batch statistics follow from the K x K Gram matrix of cols without a pass over y'
-            # (mean = colsum @ W' / m, E[y'^2] = diag(W'^T G W') / m), in float64 to keep them exact
+            # (mean = colsum @ W' / m, E[y'^2] = diag(W'^T G W') / m), in float64 to keep them exact.
+            # (Not on the kernel path: there y' exists anyway, two reductions read it, and these
+            # dozen small operations, with the weight gradient's below, would be as many launches.)
             c64 = cols.astype(np.float64)
             colsum, g = xp.ones(len(c64)) @ c64, c64.T @ c64      # (a product: sum(axis=0) over 9 columns crawls)
             w64 = (self.conv._wmat() * sign).astype(np.float64)
@@ -365,12 +372,12 @@ class ConvBlock(Workspace, Sequential):
             mean, var = mean64.astype(cols.dtype), var64.astype(cols.dtype)
             gram = (colsum, g @ w64)
         elif train and kernels.enabled(xp):
-            mean = kernels.channel_sum(xp, y) / m
-            var = kernels.channel_sq_dev(xp, y, mean) / m
+            mean = kernels.channel_sum(xp, y, 1.0 / m)
+            var = kernels.channel_sq_dev(xp, y, mean, 1.0 / m)
         elif train:
             mean, var = batch_stats(xp, y)
         if train:   # the running statistics are kept for conv(x) + bias, as in PyTorch
-            kernels.running_stats(xp, bn, sign * mean + (b if b is not None else 0), var, m)
+            kernels.running_stats(xp, bn, mean, var, m, sign, b if b is not None else 0)
         else:
             mean = sign * (bn.buffers["running_mean"] - (b if b is not None else 0))
             var = bn.buffers["running_var"]
@@ -463,20 +470,18 @@ class ConvBlock(Workspace, Sequential):
             cols, (n, h, w) = self.conv.narrow_cols(self.cache.x)
             y = (cols @ (self.conv._wmat() * sign)).reshape(n, h, w, -1)
         if kernels.enabled(xp):     # through the ReLU, against the normalised winners, in two reductions
-            dz, (dbeta, dgamma) = None, kernels.relu_sums(xp, dout, out, pooled, mean, sign * inv_std)
+            dz, (dbeta, dgamma) = None, kernels.relu_sums(xp, dout, out, pooled, mean, sign, inv_std)
         else:
             dz, dbeta, dgamma = self._relu_and_bn_grads(dout, out, pooled, mean, sign * inv_std)
-        bn.grads["weight"] += dgamma
-        bn.grads["bias"] += dbeta
         # BatchNorm's backward is dy = a*dz_full + coef_xhat*xhat + coef_one (a = gamma*inv_std,
         # coef_xhat = -a*dgamma/m, coef_one = -a*dbeta/m), with dz_full zero off the winners and
         # xhat = sign*(y' - mean)*inv_std. So dy = dy_per_y*y' + dy_const everywhere, plus a*dz at
         # the winners; and a conv bias gets the sum of dy over the batch: a*dbeta + dy_per_y*sum(y')
-        # + dy_const*m = a*dbeta + m*coef_one.
-        a, dy_per_y, dy_const, bias_grad = kernels.block_backward_constants(
-            xp, bn.params["weight"], inv_std, sign, mean, dgamma, dbeta, m, train)
-        if "bias" in self.conv.params:
-            self.conv.grads["bias"] += bias_grad
+        # + dy_const*m = a*dbeta + m*coef_one. (The gradients of gamma, beta and the bias are added
+        # to their grads there.)
+        a, dy_per_y, dy_const = kernels.block_backward_constants(
+            xp, bn.params["weight"], inv_std, sign, mean, dgamma, dbeta, m, train,
+            (bn.grads["weight"], bn.grads["bias"], self.conv.grads.get("bias")))
         if gram is not None and not need_dx:
             a_dz = a * dout * (out > 0) if dz is None else xp.multiply(dz, a, out=dz)
             return self._narrow_weight_grad(a_dz, dy_per_y, dy_const, gram)
@@ -622,20 +627,39 @@ def normalise_in_place(bn, y, train):
     return y, inv_std
 
 
-def batchnorm_input_grad(bn, dout, xhat, inv_std, train, in_place=False):
-    """BatchNorm2d.backward for the given cache values; accumulates dgamma, dbeta. ``in_place``:
-    dout becomes dx (for a caller that owns dout)."""
+def batchnorm_forward_kernels(bn, y, train, residual=None, relu=True):
+    """BatchNorm2d's forward [+ residual] [+ ReLU] in four CUDA kernels (kernels.py): two channel
+    reductions, the per-channel constants, one elementwise pass. y (the convolution's fresh
+    output) is overwritten with xhat. Returns (out, xhat, inv_std)."""
     xp = bn.xp
-    if kernels.enabled(xp):          # three CUDA kernels (kernels.py); dout is left alone
+    m = y.size // bn.c
+    if train:
+        mean = kernels.channel_sum(xp, y, 1.0 / m)
+        var = kernels.channel_sq_dev(xp, y, mean, 1.0 / m)
+        kernels.running_stats(xp, bn, mean, var, m)
+    else:
+        mean, var = bn.buffers["running_mean"], bn.buffers["running_var"]
+    gamma, beta = bn.params["weight"], bn.params["bias"]
+    inv_std = kernels.block_constants(xp, gamma, beta, 1.0, mean, var, bn.eps)[0]    # 1/sqrt(var + eps)
+    xhat, out = kernels.bn_relu(xp, y, mean, inv_std, gamma, beta, residual, relu)
+    return out, xhat, inv_std
+
+
+def batchnorm_input_grad(bn, dout, xhat, inv_std, train, in_place=False, mask=None):
+    """BatchNorm2d.backward for the given cache values; accumulates dgamma, dbeta. ``in_place``:
+    dout becomes dx (for a caller that owns dout). ``mask`` (kernel path only): the output of a
+    ReLU between, whose backward (dout where mask > 0) is fused in."""
+    xp = bn.xp
+    if kernels.enabled(xp):          # four CUDA kernels (kernels.py); dout is left alone
         m = dout.size // bn.c
-        dbeta = kernels.channel_sum(xp, dout)
-        dgamma = kernels.channel_dot(xp, dout, xhat)
-        bn.grads["weight"] += dgamma
-        bn.grads["bias"] += dbeta
-        a = bn.params["weight"] * inv_std
-        if not train:
-            return dout * a
-        return kernels.bn_backward(xp, dout, xhat, a, dbeta / m, dgamma / m)
+        if mask is None:
+            dbeta, dgamma = kernels.channel_sum(xp, dout), kernels.channel_dot(xp, dout, xhat)
+        else:                        # the sums of dz = dout where mask > 0, and of dz * xhat
+            dbeta, dgamma = kernels.relu_sums(xp, dout, mask, xhat, 0.0, 1.0, 1.0)
+        a, cx, c1 = kernels.bn_backward_constants(xp, bn.params["weight"], inv_std, dgamma, dbeta, m, train,
+                                                  (bn.grads["weight"], bn.grads["bias"]))
+        return kernels.bn_backward(xp, dout, mask, xhat, a, cx, c1)
+    assert mask is None, "the ReLU mask is fused on the kernel path only"
     dbeta = channel_sums(xp, dout)
     dgamma = channel_sums(xp, dout, xhat)
     bn.grads["weight"] += dgamma
@@ -655,17 +679,35 @@ def batchnorm_input_grad(bn, dout, xhat, inv_std, train, in_place=False):
     return dx
 
 
+class FastBatchNorm2d(BatchNorm2d):
+    """BatchNorm2d whose forward and backward run as CUDA kernels on the kernel path (kernels.py):
+    ResNet-18's stem and projection shortcuts, where it follows a convolution and normalises that
+    convolution's fresh output in place. Elsewhere it is BatchNorm2d itself."""
+
+    def forward(self, x, train=True):
+        if not kernels.enabled(self.xp):
+            return super().forward(x, train)
+        out, xhat, inv_std = batchnorm_forward_kernels(self, x, train, relu=False)
+        self.cache = BatchNormCache(xhat, inv_std, train)
+        return out
+
+    def backward(self, dout, need_dx=True):
+        if not kernels.enabled(self.xp):
+            return super().backward(dout, need_dx)
+        return batchnorm_input_grad(self, dout, *self.cache)
+
+
 class FastBasicBlock(BasicBlock):
     """BasicBlock (layers.py) with BatchNorm + (residual sum) + ReLU fused; see the module
     docstring. Same children, names and parameters. x: (N, H, W, C_in) -> (N, H', W', C_out)."""
 
     def __init__(self, c_in, c_out, stride, rng, xp=np, dtype=np.float32):
-        super().__init__(c_in, c_out, stride, rng, xp=xp, dtype=dtype, conv=FastConv2d)
+        super().__init__(c_in, c_out, stride, rng, xp=xp, dtype=dtype, conv=FastConv2d, norm=FastBatchNorm2d)
 
     def _bn_relu(self, bn, y, train, residual=None):
         """relu(bn(y) [+ residual]), normalising y in place (the convolution's fresh output)."""
         if kernels.enabled(self.xp):
-            return self._bn_relu_kernels(bn, y, train, residual)
+            return batchnorm_forward_kernels(bn, y, train, residual)
         xp = self.xp
         xhat, inv_std = normalise_in_place(bn, y, train)
         out = xp.empty_like(xhat)
@@ -680,20 +722,6 @@ class FastBasicBlock(BasicBlock):
         over_images(xp, len(out), out[0].size, part)
         return out, xhat, inv_std
 
-    def _bn_relu_kernels(self, bn, y, train, residual):
-        """_bn_relu in three CUDA kernels (kernels.py): two channel reductions, one elementwise."""
-        xp = self.xp
-        m = y.size // bn.c
-        if train:
-            mean = kernels.channel_sum(xp, y) / m
-            var = kernels.channel_sq_dev(xp, y, mean) / m
-            kernels.running_stats(xp, bn, mean, var, m)
-        else:
-            mean, var = bn.buffers["running_mean"], bn.buffers["running_var"]
-        inv_std = 1.0 / xp.sqrt(var + bn.eps)
-        xhat, out = kernels.bn_relu(xp, y, mean, inv_std, bn.params["weight"], bn.params["bias"], residual)
-        return out, xhat, inv_std
-
     def forward(self, x, train=True):
         h, xhat1, inv1 = self._bn_relu(self.bn1, self.conv1.forward(x, train), train)
         out, xhat2, inv2 = self._bn_relu(self.bn2, self.conv2.forward(h, train), train,
@@ -704,6 +732,12 @@ class FastBasicBlock(BasicBlock):
     def backward(self, dout, need_dx=True):
         xp = self.xp
         h, xhat1, inv1, out, xhat2, inv2, train = self.cache
+        if kernels.enabled(xp):           # the ReLUs' backward in one kernel, and fused into bn1's
+            d = kernels.relu_backward(xp, dout, out)
+            dh = self.conv2.backward(batchnorm_input_grad(self.bn2, d, xhat2, inv2, train))
+            dx = self.conv1.backward(batchnorm_input_grad(self.bn1, dh, xhat1, inv1, train, mask=h), need_dx)
+            d_short = self.shortcut.backward(d, need_dx)
+            return xp.add(dx, d_short, out=dx) if need_dx else None
         d = xp.empty_like(dout)           # through the last ReLU; the sum sends d to both branches
         over_images(xp, len(d), d[0].size, lambda n0, n1: xp.multiply(dout[n0:n1], out[n0:n1] > 0, out=d[n0:n1]))
         dh = self.conv2.backward(batchnorm_input_grad(self.bn2, d, xhat2, inv2, train))   # d is still needed

@@ -4,23 +4,34 @@ On a GPU every array operation is a kernel launch (10-13 us of host time each), 
 written with array operations is a dozen of them per layer and direction, plus einsum's
 transposing copies. Each entry here does one such group in one kernel:
 
-* ``channel_sum(x)`` / ``channel_dot(x, w)`` / ``channel_sq_dev(x, mu)``: per-channel sums over
-  (N, H, W) of x, of x*w and of (x - mu)^2, accumulated in float64;
-* ``bn_relu(y, mean, inv_std, gamma, beta, res)``: xhat = (y - mean) * inv_std (written over y)
-  and out = relu(gamma * xhat + beta [+ res]);
-* ``bn_backward(d, xhat, a, cb, cg)``: dx = a * (d - cb - xhat * cg), BatchNorm's input gradient
-  (lesson 3) with the per-channel constants a = gamma / sigma, cb = sum(d) / m, cg = sum(d xhat) / m;
+* ``channel_sum(x, scale)`` / ``channel_dot(x, w)`` / ``channel_sq_dev(x, mu, scale)``: per-channel
+  sums over (N, H, W) of x, of x*w and of (x - mu)^2, accumulated in float64 (times ``scale``:
+  1/m makes them BatchNorm's mean and variance in the same launch);
+* ``bn_relu(y, mean, inv_std, gamma, beta, res, relu)``: xhat = (y - mean) * inv_std (written
+  over y) and out = relu(gamma * xhat + beta [+ res]) (without the ReLU when relu is False);
+* ``bn_backward_constants(gamma, inv_std, dgamma, dbeta, m, train)``: BatchNorm's per-channel
+  backward constants a = gamma / sigma, cx = -a dgamma / m, c1 = -a dbeta / m (0 in evaluation),
+  and dgamma, dbeta added to the parameter gradients;
+* ``bn_backward(d, mask, xhat, a, cx, c1)``: dx = a * dz + cx * xhat + c1, BatchNorm's input
+  gradient (lesson 3), with dz = d, or d where mask > 0 (the ReLU before it, fused);
+* ``relu_backward(d, out)``: d where out > 0, else 0;
+* ``col2im(dcols, x_shape, k, stride, padding)``: a convolution's input gradient from the
+  gradient of its im2col matrix, each input element gathering its taps (layers.col2im's scatter,
+  one kernel instead of two per tap);
 * ``pool_bn_relu(y, scale, shift)``: the ConvNet block's forward after its convolution (fast.py's
   ConvBlock): 2x2 max-pooling with the index of the first maximum, then relu(scale * max + shift);
-* ``relu_sums(dout, out, pooled, mean, s)``: its BatchNorm gradients through the ReLU, per channel
-  sum(dz) and sum(dz * (pooled - mean) * s) with dz = dout where out > 0 (two reductions);
+* ``relu_sums(dout, out, pooled, mean, sign, inv_std)``: its BatchNorm gradients through the ReLU,
+  per channel sum(dz) and sum(dz * (pooled - mean) * sign * inv_std) with dz = dout where out > 0
+  (two reductions);
 * ``conv_block_dy(y, dy_per_y, dy_const, a, dout, out, winner)``: its backward to the
   convolution's output, dy = dy_per_y * y + dy_const everywhere, plus a * dout at each window's
   winner where the ReLU let it through;
-* ``running_stats(bn, mean, var, m)``: BatchNorm's running statistics moved towards a batch's;
+* ``running_stats(bn, mean, var, m, sign, bias)``: BatchNorm's running statistics moved towards a
+  batch's (whose mean is sign * mean + bias: the ConvNet block works with sign * conv(x), no bias);
 * ``block_constants(...)`` / ``block_backward_constants(...)``: the block's per-channel constants,
-  forward (1/sigma, scale, shift) and backward (the coefficients of dy), a dozen tiny operations
-  each, which on a GPU are as many launches;
+  forward (1/sigma, scale, shift) and backward (the coefficients of dy, and the parameter
+  gradients added where they accumulate), a dozen tiny operations each, which on a GPU are as
+  many launches;
 * ``adam(p, g, m, v, ...)``: Adam's step over the flat parameter arrays (optim.py), in place.
 
 Every function takes the array module first. Its twin (``*_twin``) is the reference: plain array
@@ -47,17 +58,53 @@ def enabled(xp):
 
 ELEMENTWISE = {
     "bn_relu": (
-        "T y, T mean, T inv_std, T gamma, T beta, T res", "T xhat, T out",
+        "T y, T mean, T inv_std, T gamma, T beta, T res, int32 relu", "T xhat, T out",
         """
         T h = (y - mean) * inv_std;
         xhat = h;
         T o = gamma * h + beta + res;
-        out = o > (T)0 ? o : (T)0;
+        out = relu ? (o > (T)0 ? o : (T)0) : o;
+        """),
+    # per channel; the last two outputs are read and written: the gradients accumulate there
+    "bn_backward_constants": (
+        "T gamma, T inv_std, T dgamma, T dbeta, T m, int32 train", "T a, T cx, T c1, T gamma_grad, T beta_grad",
+        """
+        T g = gamma * inv_std;
+        a = g;
+        cx = train ? -g * dgamma / m : (T)0;
+        c1 = train ? -g * dbeta / m : (T)0;
+        gamma_grad += dgamma;
+        beta_grad += dbeta;
         """),
     "bn_backward": (
-        "T d, T xhat, T a, T cb, T cg", "T dx",
+        "T d, T mask, T xhat, T a, T cx, T c1", "T dx",
         """
-        dx = a * (d - cb - xhat * cg);
+        dx = (mask > (T)0 ? a * d : (T)0) + cx * xhat + c1;
+        """),
+    # over dx (N, H, W, C); dcols (N*Ho*Wo, K*K*C) read raw: each element sums the taps that saw it
+    "col2im": (
+        "raw T dcols, int32 H, int32 W, int32 Ho, int32 Wo, int32 C, int32 K, int32 S, int32 P", "T dx",
+        """
+        int c = i % C;
+        int w = (i / C) % W;
+        int h = (i / (C * W)) % H;
+        long long n = i / ((long long)C * W * H);
+        T acc = (T)0;
+        for (int kh = 0; kh < K; ++kh) {
+            int oh = h + P - kh;                 /* the output row whose tap kh sat on row h */
+            if (oh < 0 || oh % S != 0 || oh / S >= Ho) continue;
+            for (int kw = 0; kw < K; ++kw) {
+                int ow = w + P - kw;
+                if (ow < 0 || ow % S != 0 || ow / S >= Wo) continue;
+                acc += dcols[((n * Ho + oh / S) * Wo + ow / S) * K * K * C + (kh * K + kw) * C + c];
+            }
+        }
+        dx = acc;
+        """),
+    "relu_backward": (
+        "T d, T out", "T dx",
+        """
+        dx = out > (T)0 ? d : (T)0;
         """),
     # over the pooled output (N, Ho, Wo, C); y (N, H, W, C) is read raw, 4 values per window
     "pool_bn_relu": (
@@ -97,11 +144,13 @@ ELEMENTWISE = {
         }
         dy = g;
         """),
-    # per channel: the running statistics updated in place (read and written)
+    # per channel: the running statistics updated in place (read and written), and the one
+    # counter of batches (a raw array of one element) by the first thread
     "running_stats": (
-        "T mean, T var, T mom, T unbias", "T running_mean, T running_var",
+        "T mean, T var, T sign, T bias, T mom, T unbias", "T running_mean, T running_var, raw int64 tracked",
         """
-        running_mean = running_mean * ((T)1 - mom) + mom * mean;
+        if (i == 0) tracked[0] += 1;
+        running_mean = running_mean * ((T)1 - mom) + mom * (sign * mean + bias);
         running_var = running_var * ((T)1 - mom) + mom * var * unbias;
         """),
     "block_constants": (
@@ -112,9 +161,10 @@ ELEMENTWISE = {
         scale = gamma * sign * s;
         shift = beta - mean * scale;
         """),
+    # the last three outputs are read and written: the gradients accumulate there
     "block_backward_constants": (
         "T gamma, T inv_std, T sign, T mean, T dgamma, T dbeta, T m, int32 train",
-        "T a, T dy_per_y, T dy_const, T bias_grad",
+        "T a, T dy_per_y, T dy_const, T gamma_grad, T beta_grad, T bias_grad",
         """
         T g = gamma * inv_std;
         T coef_xhat = train ? -g * dgamma / m : (T)0;
@@ -122,7 +172,9 @@ ELEMENTWISE = {
         a = g;
         dy_per_y = coef_xhat * sign * inv_std;
         dy_const = coef_one - dy_per_y * mean;
-        bias_grad = g * dbeta + m * coef_one;
+        gamma_grad += dgamma;
+        beta_grad += dbeta;
+        bias_grad += g * dbeta + m * coef_one;
         """),
     # Adam (optim.py) on the flat arrays: p, m and v read and written
     "adam": (
@@ -140,13 +192,13 @@ ELEMENTWISE = {
 # accumulated in double precision (REDUCE_TYPE) and written in the inputs' type, in the one launch
 REDUCE_TYPE = "double"   # a C type: CuPy writes it into the kernel's source
 REDUCTIONS = {
-    "channel_sum": ("T x", "T s", "(double)x", "a + b", "s = (T)a", "0"),
+    "channel_sum": ("T x, float64 scale", "T s", "(double)x", "a + b", "s = (T)(a * scale)", "0"),
     "channel_dot": ("T x, T w", "T s", "(double)x * (double)w", "a + b", "s = (T)a", "0"),
-    "channel_sq_dev": ("T x, T mu", "T s", "((double)x - (double)mu) * ((double)x - (double)mu)",
-                       "a + b", "s = (T)a", "0"),
+    "channel_sq_dev": ("T x, T mu, float64 scale", "T s", "((double)x - (double)mu) * ((double)x - (double)mu)",
+                       "a + b", "s = (T)(a * scale)", "0"),
     "relu_sum": ("T d, T out", "T s", "out > (T)0 ? (double)d : 0.0", "a + b", "s = (T)a", "0"),
-    "relu_dot_centered": ("T d, T out, T x, T mu, T scale", "T s",
-                          "out > (T)0 ? (double)d * (((double)x - (double)mu) * (double)scale) : 0.0",
+    "relu_dot_centered": ("T d, T out, T x, T mu, T sign, T inv_std", "T s",
+                          "out > (T)0 ? (double)d * (((double)x - (double)mu) * (double)(sign * inv_std)) : 0.0",
                           "a + b", "s = (T)a", "0"),
 }
 
@@ -174,9 +226,9 @@ def _channels_last_2d(x):
 
 # -- the twins (references) and the dispatchers ---------------------------------------------------
 
-def channel_sum_twin(xp, x):
-    """sum over all but the last axis of x, in float64, cast back to x's dtype: (C,)."""
-    return _channels_last_2d(x).sum(axis=0, dtype=np.float64).astype(x.dtype)
+def channel_sum_twin(xp, x, scale=1.0):
+    """scale * the sum over all but the last axis of x, in float64, cast back to x's dtype: (C,)."""
+    return (_channels_last_2d(x).sum(axis=0, dtype=np.float64) * scale).astype(x.dtype)
 
 
 def channel_dot_twin(xp, x, w):
@@ -185,28 +237,50 @@ def channel_dot_twin(xp, x, w):
     return xp.einsum("mc,mc->c", x2.astype(np.float64), w2.astype(np.float64)).astype(x.dtype)
 
 
-def channel_sq_dev_twin(xp, x, mu):
-    """sum over all but the last axis of (x - mu)^2, mu (C,), in float64: (C,)."""
+def channel_sq_dev_twin(xp, x, mu, scale=1.0):
+    """scale * the sum over all but the last axis of (x - mu)^2, mu (C,), in float64: (C,)."""
     dev = _channels_last_2d(x).astype(np.float64) - mu.astype(np.float64)
-    return (dev * dev).sum(axis=0).astype(x.dtype)
+    return ((dev * dev).sum(axis=0) * scale).astype(x.dtype)
 
 
-def bn_relu_twin(xp, y, mean, inv_std, gamma, beta, res=None):
-    """xhat = (y - mean) * inv_std, written over y; out = max(gamma * xhat + beta [+ res], 0).
-    Per-channel vectors (C,) broadcast over y (..., C). Returns (xhat, out)."""
+def bn_relu_twin(xp, y, mean, inv_std, gamma, beta, res=None, relu=True):
+    """xhat = (y - mean) * inv_std, written over y; out = max(gamma * xhat + beta [+ res], 0)
+    (no max when relu is False). Per-channel vectors (C,) broadcast over y (..., C).
+    Returns (xhat, out)."""
     xp.subtract(y, mean, out=y)
     y *= inv_std
     out = y * gamma
     out += beta
     if res is not None:
         out += res
-    xp.maximum(out, 0, out=out)
+    if relu:
+        xp.maximum(out, 0, out=out)
     return y, out
 
 
-def bn_backward_twin(xp, d, xhat, a, cb, cg):
-    """dx = a * (d - cb - xhat * cg), per-channel a, cb, cg (C,)."""
-    return a * (d - cb - xhat * cg)
+def bn_backward_constants_twin(xp, gamma, inv_std, dgamma, dbeta, m, train, grads):
+    """BatchNorm's backward constants per channel (C,): a = gamma * inv_std, and in training
+    cx = -a dgamma / m, c1 = -a dbeta / m (0 in evaluation: the statistics are constants then).
+    Adds dgamma and dbeta to grads = (gamma's, beta's). Returns (a, cx, c1)."""
+    a = gamma * inv_std
+    cx = -a * dgamma / m if train else xp.zeros_like(a)
+    c1 = -a * dbeta / m if train else xp.zeros_like(a)
+    gamma_grad, beta_grad = grads
+    gamma_grad += dgamma
+    beta_grad += dbeta
+    return a, cx, c1
+
+
+def bn_backward_twin(xp, d, mask, xhat, a, cx, c1):
+    """dx = a * dz + cx * xhat + c1, dz = d, or d where mask > 0 when a mask is given;
+    per-channel a, cx, c1 (C,)."""
+    dz = d if mask is None else d * (mask > 0)
+    return a * dz + cx * xhat + c1
+
+
+def relu_backward_twin(xp, d, out):
+    """d where out > 0, else 0 (ReLU's backward from its output)."""
+    return d * (out > 0)
 
 
 def _window_positions(y):
@@ -230,11 +304,11 @@ def pool_bn_relu_twin(xp, y, scale, shift):
     return pooled, out, winner
 
 
-def relu_sums_twin(xp, dout, out, pooled, mean, s):
+def relu_sums_twin(xp, dout, out, pooled, mean, sign, inv_std):
     """With dz = dout where out > 0 (the ReLU's gradient; all (N, H, W, C)): per channel
-    (sum of dz, sum of dz * (pooled - mean) * s), in float64. Returns (dbeta, dgamma)."""
+    (sum of dz, sum of dz * (pooled - mean) * sign * inv_std), in float64. Returns (dbeta, dgamma)."""
     dz = dout * (out > 0)
-    return channel_sum_twin(xp, dz), channel_dot_twin(xp, dz, (pooled - mean) * s)
+    return channel_sum_twin(xp, dz), channel_dot_twin(xp, dz, (pooled - mean) * (sign * inv_std))
 
 
 def conv_block_dy_twin(xp, y, dy_per_y, dy_const, a, dout, out, winner):
@@ -248,10 +322,10 @@ def conv_block_dy_twin(xp, y, dy_per_y, dy_const, a, dout, out, winner):
     return dy
 
 
-def running_stats_twin(xp, bn, mean, var, m):
-    """BatchNorm2d.update_running: running = (1 - momentum) * running + momentum * batch, the
-    variance unbiased by m / (m - 1), and num_batches_tracked + 1."""
-    bn.update_running(mean, var, m)
+def running_stats_twin(xp, bn, mean, var, m, sign=1, bias=0):
+    """BatchNorm2d.update_running with the batch mean sign * mean + bias: running = (1 - momentum)
+    * running + momentum * batch, the variance unbiased by m / (m - 1), and num_batches_tracked + 1."""
+    bn.update_running(sign * mean + bias, var, m)
 
 
 def block_constants_twin(xp, gamma, beta, sign, mean, var, eps):
@@ -263,18 +337,23 @@ def block_constants_twin(xp, gamma, beta, sign, mean, var, eps):
     return inv_std, scale, beta - mean * scale
 
 
-def block_backward_constants_twin(xp, gamma, inv_std, sign, mean, dgamma, dbeta, m, train):
+def block_backward_constants_twin(xp, gamma, inv_std, sign, mean, dgamma, dbeta, m, train, grads):
     """The ConvBlock's backward constants per channel (C,): a = gamma * inv_std; in training
     coef_xhat = -a dgamma / m and coef_one = -a dbeta / m (0 in evaluation, where the statistics
-    are constants); dy_per_y = coef_xhat * sign * inv_std, dy_const = coef_one - dy_per_y * mean,
-    and the gradient of a bias before BatchNorm, a dbeta + m coef_one.
-    Returns (a, dy_per_y, dy_const, bias_grad)."""
+    are constants); dy_per_y = coef_xhat * sign * inv_std, dy_const = coef_one - dy_per_y * mean.
+    Adds the parameter gradients to grads = (gamma's, beta's, the conv bias's or None): dgamma,
+    dbeta, and a dbeta + m coef_one for a bias before BatchNorm. Returns (a, dy_per_y, dy_const)."""
     a = gamma * inv_std
     coef_xhat = -a * dgamma / m if train else xp.zeros_like(a)
     coef_one = -a * dbeta / m if train else xp.zeros_like(a)
     dy_per_y = coef_xhat * sign * inv_std
     dy_const = coef_one - dy_per_y * mean
-    return a, dy_per_y, dy_const, a * dbeta + m * coef_one
+    gamma_grad, beta_grad, bias_grad = grads
+    gamma_grad += dgamma
+    beta_grad += dbeta
+    if bias_grad is not None:
+        bias_grad += a * dbeta + m * coef_one
+    return a, dy_per_y, dy_const
 
 
 def adam_twin(xp, opt, p, g, m, v, step_size, sqrt_bc2):
@@ -282,10 +361,10 @@ def adam_twin(xp, opt, p, g, m, v, step_size, sqrt_bc2):
     opt._update(p, g, m, v, step_size, sqrt_bc2)
 
 
-def channel_sum(xp, x):
+def channel_sum(xp, x, scale=1.0):
     if not enabled(xp):
-        return channel_sum_twin(xp, x)
-    return _kernel("channel_sum")(_channels_last_2d(x), axis=0)
+        return channel_sum_twin(xp, x, scale)
+    return _kernel("channel_sum")(_channels_last_2d(x), float(scale), axis=0)
 
 
 def channel_dot(xp, x, w):
@@ -294,24 +373,59 @@ def channel_dot(xp, x, w):
     return _kernel("channel_dot")(_channels_last_2d(x), _channels_last_2d(w), axis=0)
 
 
-def channel_sq_dev(xp, x, mu):
+def channel_sq_dev(xp, x, mu, scale=1.0):
     if not enabled(xp):
-        return channel_sq_dev_twin(xp, x, mu)
-    return _kernel("channel_sq_dev")(_channels_last_2d(x), mu, axis=0)
+        return channel_sq_dev_twin(xp, x, mu, scale)
+    return _kernel("channel_sq_dev")(_channels_last_2d(x), mu, float(scale), axis=0)
 
 
-def bn_relu(xp, y, mean, inv_std, gamma, beta, res=None):
+def bn_relu(xp, y, mean, inv_std, gamma, beta, res=None, relu=True):
     if not enabled(xp):
-        return bn_relu_twin(xp, y, mean, inv_std, gamma, beta, res)
+        return bn_relu_twin(xp, y, mean, inv_std, gamma, beta, res, relu)
     out = xp.empty_like(y)
-    _kernel("bn_relu")(y, mean, inv_std, gamma, beta, res if res is not None else y.dtype.type(0), y, out)
+    _kernel("bn_relu")(y, mean, inv_std, gamma, beta, res if res is not None else y.dtype.type(0), int(relu), y, out)
     return y, out
 
 
-def bn_backward(xp, d, xhat, a, cb, cg):
+def bn_backward_constants(xp, gamma, inv_std, dgamma, dbeta, m, train, grads):
     if not enabled(xp):
-        return bn_backward_twin(xp, d, xhat, a, cb, cg)
-    return _kernel("bn_backward")(d, xhat, a, cb, cg)
+        return bn_backward_constants_twin(xp, gamma, inv_std, dgamma, dbeta, m, train, grads)
+    a, cx, c1 = xp.empty_like(gamma), xp.empty_like(gamma), xp.empty_like(gamma)
+    _kernel("bn_backward_constants")(gamma, inv_std, dgamma, dbeta, m, int(train), a, cx, c1, *grads)
+    return a, cx, c1
+
+
+def bn_backward(xp, d, mask, xhat, a, cx, c1):
+    if not enabled(xp):
+        return bn_backward_twin(xp, d, mask, xhat, a, cx, c1)
+    return _kernel("bn_backward")(d, d.dtype.type(1) if mask is None else mask, xhat, a, cx, c1)
+
+
+def col2im_twin(xp, dcols, x_shape, k, stride, padding):
+    """layers.col2im: dx (x_shape: N, H, W, C) from dcols (N*Ho*Wo, k*k*C), scattering each tap."""
+    from .layers import col2im as plain_col2im      # (layers imports nothing of this module, but
+    return plain_col2im(dcols, x_shape, k, stride, padding, xp)     # keep kernels.py standalone)
+
+
+def col2im(xp, dcols, x_shape, k, stride, padding, out=None):
+    """col2im into out (an array of x_shape, written whole) or a new array."""
+    if not enabled(xp):
+        dx = col2im_twin(xp, dcols, x_shape, k, stride, padding)
+        if out is None:
+            return dx
+        out[...] = dx
+        return out
+    n, h, w, c = x_shape
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    out = xp.empty(x_shape, dtype=dcols.dtype) if out is None else out
+    _kernel("col2im")(dcols, h, w, ho, wo, c, k, stride, padding, out)
+    return out
+
+
+def relu_backward(xp, d, out):
+    if not enabled(xp):
+        return relu_backward_twin(xp, d, out)
+    return _kernel("relu_backward")(d, out)
 
 
 def pool_bn_relu(xp, y, scale, shift):
@@ -324,12 +438,12 @@ def pool_bn_relu(xp, y, scale, shift):
     return pooled, out, winner
 
 
-def relu_sums(xp, dout, out, pooled, mean, s):
+def relu_sums(xp, dout, out, pooled, mean, sign, inv_std):
     if not enabled(xp):
-        return relu_sums_twin(xp, dout, out, pooled, mean, s)
+        return relu_sums_twin(xp, dout, out, pooled, mean, sign, inv_std)
     d2, o2 = _channels_last_2d(dout), _channels_last_2d(out)
     return (_kernel("relu_sum")(d2, o2, axis=0),
-            _kernel("relu_dot_centered")(d2, o2, _channels_last_2d(pooled), mean, s, axis=0))
+            _kernel("relu_dot_centered")(d2, o2, _channels_last_2d(pooled), mean, sign, inv_std, axis=0))
 
 
 def conv_block_dy(xp, y, dy_per_y, dy_const, a, dout, out, winner):
@@ -340,12 +454,12 @@ def conv_block_dy(xp, y, dy_per_y, dy_const, a, dout, out, winner):
                                     xp.ascontiguousarray(out), winner, h, w, h // 2, w // 2, c)
 
 
-def running_stats(xp, bn, mean, var, m):
+def running_stats(xp, bn, mean, var, m, sign=1, bias=0):
     if not enabled(xp):
-        return running_stats_twin(xp, bn, mean, var, m)
+        return running_stats_twin(xp, bn, mean, var, m, sign, bias)
     b, mom = bn.buffers, bn.momentum
-    _kernel("running_stats")(mean, var, mom, m / max(m - 1, 1), b["running_mean"], b["running_var"])
-    b["num_batches_tracked"] += 1
+    _kernel("running_stats")(mean, var, sign, bias, mom, m / max(m - 1, 1), b["running_mean"], b["running_var"],
+                             b["num_batches_tracked"].reshape(1))
 
 
 def block_constants(xp, gamma, beta, sign, mean, var, eps):
@@ -354,10 +468,15 @@ def block_constants(xp, gamma, beta, sign, mean, var, eps):
     return _kernel("block_constants")(gamma, beta, sign, mean, var, eps)
 
 
-def block_backward_constants(xp, gamma, inv_std, sign, mean, dgamma, dbeta, m, train):
+def block_backward_constants(xp, gamma, inv_std, sign, mean, dgamma, dbeta, m, train, grads):
     if not enabled(xp):
-        return block_backward_constants_twin(xp, gamma, inv_std, sign, mean, dgamma, dbeta, m, train)
-    return _kernel("block_backward_constants")(gamma, inv_std, sign, mean, dgamma, dbeta, m, int(train))
+        return block_backward_constants_twin(xp, gamma, inv_std, sign, mean, dgamma, dbeta, m, train, grads)
+    gamma_grad, beta_grad, bias_grad = grads
+    a, dy_per_y, dy_const = xp.empty_like(gamma), xp.empty_like(gamma), xp.empty_like(gamma)
+    _kernel("block_backward_constants")(gamma, inv_std, sign, mean, dgamma, dbeta, m, int(train), a, dy_per_y,
+                                        dy_const, gamma_grad, beta_grad,
+                                        xp.empty_like(gamma) if bias_grad is None else bias_grad)
+    return a, dy_per_y, dy_const
 
 
 def adam(xp, opt, p, g, m, v, step_size, sqrt_bc2):
@@ -379,13 +498,26 @@ class NumpyStandIn:
     def __call__(self, *args, axis=None):
         name, xp = self.name, np
         if name == "bn_relu":
-            y, mean, inv_std, gamma, beta, res, xhat_out, out = args
+            y, mean, inv_std, gamma, beta, res, relu, xhat_out, out = args
             h = (y - mean) * inv_std
             xhat_out[...] = h
-            out[...] = np.maximum(gamma * h + beta + res, 0)
+            out[...] = np.maximum(gamma * h + beta + res, 0) if relu else gamma * h + beta + res
             return xhat_out, out
         if name == "bn_backward":
             return bn_backward_twin(xp, *args)
+        if name == "relu_backward":
+            return relu_backward_twin(xp, *args)
+        if name == "col2im":
+            dcols, h, w, ho, wo, c, k, s, p, out = args
+            assert dcols.shape == (out.shape[0] * ho * wo, k * k * c) and out.shape[1:] == (h, w, c)
+            out[...] = col2im_twin(xp, dcols, out.shape, k, s, p)
+            return out
+        if name == "bn_backward_constants":
+            *rest, train, a, cx, c1, gamma_grad, beta_grad = args
+            for dest, value in zip((a, cx, c1), bn_backward_constants_twin(
+                    xp, *rest, bool(train), (gamma_grad, beta_grad))):
+                dest[...] = value
+            return a, cx, c1, gamma_grad, beta_grad
         if name == "pool_bn_relu":
             y, scale, shift, h, w, ho, wo, c, *outs = args
             assert y.shape == (y.shape[0], h, w, c) and outs[0].shape == (y.shape[0], ho, wo, c)
@@ -397,9 +529,10 @@ class NumpyStandIn:
             assert winner.dtype == np.uint8 and dout.shape == out.shape == (y.shape[0], ho, wo, c)
             return conv_block_dy_twin(xp, y, dy_per_y, dy_const, a, dout, out, winner)
         if name == "running_stats":
-            mean, var, mom, unbias, running_mean, running_var = args
+            mean, var, sign, bias, mom, unbias, running_mean, running_var, tracked = args
+            tracked[0] += 1
             running_mean *= 1 - mom
-            running_mean += mom * mean
+            running_mean += mom * (sign * mean + bias)
             running_var *= 1 - mom
             running_var += mom * var * unbias
             return running_mean, running_var
@@ -411,19 +544,22 @@ class NumpyStandIn:
             adam_update(xp, p, g, m, v, (b1, b2), eps, weight_decay, step_size, sqrt_bc2)
             return p, m, v
         if name == "block_backward_constants":
-            *rest, train = args
-            return block_backward_constants_twin(xp, *rest, bool(train))
+            *rest, train, a, dy_per_y, dy_const, gamma_grad, beta_grad, bias_grad = args
+            for dest, value in zip((a, dy_per_y, dy_const), block_backward_constants_twin(
+                    xp, *rest, bool(train), (gamma_grad, beta_grad, bias_grad))):
+                dest[...] = value
+            return a, dy_per_y, dy_const, gamma_grad, beta_grad, bias_grad
         assert axis == 0
         x = args[0].astype(np.float64)
         if name == "channel_sum":
-            s = x.sum(axis=0)
+            s = x.sum(axis=0) * args[1]
         elif name == "channel_dot":
             s = (x * args[1]).sum(axis=0)
         elif name == "relu_sum":
             s = (x * (args[1] > 0)).sum(axis=0)
         elif name == "relu_dot_centered":
-            d, out, pooled, mu, scale = args
-            s = (x * (out > 0) * ((pooled.astype(np.float64) - mu) * scale)).sum(axis=0)
+            d, out, pooled, mu, sign, inv_std = args
+            s = (x * (out > 0) * ((pooled.astype(np.float64) - mu) * (sign * inv_std))).sum(axis=0)
         else:
-            s = ((x - args[1]) ** 2).sum(axis=0)
+            s = ((x - args[1]) ** 2).sum(axis=0) * args[2]
         return s.astype(args[0].dtype)

@@ -350,19 +350,19 @@ class BasicBlock(Module):
     or the width changes. Convolutions have no bias (BatchNorm follows each). x: (N, H, W, C_in).
     """
 
-    def __init__(self, c_in, c_out, stride, rng, xp=np, dtype=np.float32, conv=Conv2d):
-        """``conv``: the convolution class (fast.FastBasicBlock passes fast.FastConv2d)."""
+    def __init__(self, c_in, c_out, stride, rng, xp=np, dtype=np.float32, conv=Conv2d, norm=BatchNorm2d):
+        """``conv``, ``norm``: the convolution and BatchNorm classes (fast.FastBasicBlock passes its own)."""
         super().__init__(xp, dtype)
         kw = dict(xp=xp, dtype=dtype)
         Conv = conv
         self.conv1 = Conv(c_in, c_out, 3, stride, 1, bias=False, rng=rng, **kw)
-        self.bn1 = BatchNorm2d(c_out, **kw)
+        self.bn1 = norm(c_out, **kw)
         self.relu1 = ReLU(**kw)
         self.conv2 = Conv(c_out, c_out, 3, 1, 1, bias=False, rng=rng, **kw)
-        self.bn2 = BatchNorm2d(c_out, **kw)
+        self.bn2 = norm(c_out, **kw)
         if stride != 1 or c_in != c_out:
             self.shortcut = Sequential(Conv(c_in, c_out, 1, stride, 0, bias=False, rng=rng, **kw),
-                                       BatchNorm2d(c_out, **kw), **kw)
+                                       norm(c_out, **kw), **kw)
         else:
             self.shortcut = Sequential(**kw)   # empty: the identity
         self.relu2 = ReLU(**kw)

@@ -29,26 +29,27 @@ def protonet_loss(z, way, shot, query, need_grad=True):
     Returns (loss: float, acc: float, dz: same shape as z or None).
     """
     xp = backend.xp_of(z)
-    n_s = way * shot
+    n_s, q = way * shot, way * query
     zs, zq = z[:n_s].reshape(way, shot, -1), z[n_s:]
     protos = zs.mean(axis=1)                                  # (N, d)
     diff = zq[:, None, :] - protos[None, :, :]                # (Q, N, d)
     dist = (diff * diff).sum(axis=2)                          # (Q, N)
-    logits = -dist
-    logits = logits - logits.max(axis=1, keepdims=True)      # stable log-softmax
-    logp = logits - xp.log(xp.exp(logits).sum(axis=1, keepdims=True))
-    target = xp.repeat(xp.arange(way), query)                 # query rows are class-major
-    rows = xp.arange(way * query)
-    loss = -logp[rows, target].mean()
-    acc = (logp.argmax(axis=1) == target).mean()
+    logits = dist.min(axis=1, keepdims=True) - dist           # -dist shifted: each row's max is 0
+    e = xp.exp(logits)                                        # (a stable log-softmax: no overflow)
+    total = e.sum(axis=1, keepdims=True)
+    logp = logits - xp.log(total)
+    # query rows are class-major, so query j of class n is row n*Kq + j and its own class is n:
+    # the (N, Kq, N) view's diagonal over its first and last axes holds log p(y_i | i)
+    loss = -xp.diagonal(logp.reshape(way, query, way), axis1=0, axis2=2).sum() / q
+    acc = (logp.argmax(axis=1).reshape(way, query) == xp.arange(way)[:, None]).mean()
     if not need_grad:
         return float(loss), float(acc), None
-    g = -xp.exp(logp)                                         # G = (Y - P) / Q
-    g[rows, target] += 1
-    g /= way * query
-    dzq = 2 * (g[:, :, None] * diff).sum(axis=1)              # (Q, d)
-    dprotos = -2 * (g[:, :, None] * diff).sum(axis=0)         # (N, d)
-    dzs = xp.broadcast_to((dprotos / shot)[:, None, :], zs.shape).reshape(n_s, -1)
+    # 2G = 2(Y - P)/Q, P = e / total, Y one-hot: identity rows broadcast over the Kq queries
+    g2 = (xp.eye(way, dtype=z.dtype)[:, None, :] - (e / total).reshape(way, query, way)) * (2.0 / q)
+    t = g2.reshape(q, way)[:, :, None] * diff                 # 2 G_in (z_i - c_n), (Q, N, d)
+    dzq = t.sum(axis=1)                                       # (Q, d)
+    dzs = t.sum(axis=0) * (-1.0 / shot)                       # dloss/dc_n / Ks, (N, d)
+    dzs = xp.broadcast_to(dzs[:, None, :], zs.shape).reshape(n_s, -1)    # each support row of its class
     return float(loss), float(acc), xp.concatenate([dzs, dzq]).astype(z.dtype, copy=False)
 
 
@@ -80,12 +81,12 @@ class ProtoNet:
         collapse metric for the support and the query features ('nc1_support', 'nc1_query', ...),
         computed on the device too.
         """
-        xp = self.net.xp
         way, shot, query = xs.shape[0], xs.shape[1], xq.shape[1]
         if xq.shape[0] != way:
             raise ValueError(f"support has {way} classes but query has {xq.shape[0]}")
-        x = xp.concatenate([xp.asarray(xs).reshape(way * shot, *xs.shape[2:]),
-                            xp.asarray(xq).reshape(way * query, *xq.shape[2:])])
+        # one batch, made where the images are (a sampler's are on the host: one copy to the device)
+        x = backend.xp_of(xs).concatenate([xs.reshape(way * shot, *xs.shape[2:]),
+                                           xq.reshape(way * query, *xq.shape[2:])])
         z = self.net.forward(x, train=train)
         loss, acc, dz = protonet_loss(z, way, shot, query, need_grad=train)
         if train and np.isfinite(loss):
@@ -94,10 +95,13 @@ class ProtoNet:
         res = {"loss": loss, "acc": acc, "embeddings": z}
         # a finite loss means finite embeddings (an inf or nan one would reach some query's loss)
         if np.isfinite(loss):
-            for part, h in (("support", z[:way * shot].reshape(way, shot, -1)),
-                            ("query", z[way * shot:].reshape(way, query, -1))):
-                for name, value in collapse_metrics(h).items():   # on the device
-                    res[f"{name}_{part}"] = value
+            if shot == query:       # one stack (2, N, K, d), one copy to the host (a view of z)
+                found = collapse_metrics(z.reshape(2, way, shot, -1))
+            else:
+                found = [collapse_metrics(z[:way * shot].reshape(way, shot, -1)),
+                         collapse_metrics(z[way * shot:].reshape(way, query, -1))]
+            for part, metrics in zip(("support", "query"), found):
+                res.update({f"{name}_{part}": value for name, value in metrics.items()})
         else:
             res.update({f"{m}_{part}": float("nan") for m in METRICS for part in ("support", "query")})
         return res

@@ -110,3 +110,22 @@ def test_rejects_bad_shapes():
         collapse_metrics(np.zeros((1, 5, 3)))
     with pytest.raises(ValueError, match="features must be"):
         collapse_metrics(np.zeros((5, 3)))
+
+
+def test_a_stack_of_sets_gives_each_set_its_metrics():
+    """(B, N, K, d) -> one dict per set, equal to the metrics of that set alone."""
+    h = np.random.default_rng(5).standard_normal((2, 6, 3, 10))
+    got = collapse_metrics(h)
+    assert isinstance(got, list) and len(got) == 2
+    for one, alone in zip(got, (collapse_metrics(h[0]), collapse_metrics(h[1]))):
+        assert one == alone
+
+
+def test_nc1_with_repeated_singular_values_agrees_with_dense_reference():
+    """Class means on a simplex ETF: all N-1 singular values of H are equal, so the eigenvectors
+    of G are any basis of one eigenspace; nc1 sums over it and must not depend on the choice."""
+    rng = np.random.default_rng(6)
+    mu = simplex_etf(7, 20, rng)
+    h = mu[:, None, :] + 0.3 * rng.standard_normal((7, 5, 20))
+    h -= h.mean(axis=1, keepdims=True) - mu[:, None, :]
+    assert collapse_metrics(h)["nc1"] == pytest.approx(dense_reference(h)["nc1"], rel=1e-9)

@@ -37,9 +37,23 @@ def test_twins_agree_with_the_library_batchnorm():
     np.testing.assert_allclose(xhat, bn.cache.xhat, rtol=1e-12, atol=1e-12)
     d = rng.standard_normal(x.shape)
     want_dx = bn.backward(d)
-    cb, cg = kernels.channel_sum_twin(np, d) / m, kernels.channel_dot_twin(np, d, xhat) / m
-    dx = kernels.bn_backward_twin(np, d, xhat, gamma * inv_std, cb, cg)
+    grads = np.zeros(6), np.zeros(6)
+    dbeta, dgamma = kernels.channel_sum_twin(np, d), kernels.channel_dot_twin(np, d, xhat)
+    consts = kernels.bn_backward_constants_twin(np, gamma, inv_std, dgamma, dbeta, m, True, grads)
+    dx = kernels.bn_backward_twin(np, d, None, xhat, *consts)
     np.testing.assert_allclose(dx, want_dx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grads[0], bn.grads["weight"], rtol=1e-12)
+    np.testing.assert_allclose(grads[1], bn.grads["bias"], rtol=1e-12)
+    # a ReLU before it (its output r), fused: the same as masking d first
+    r = np.maximum(rng.standard_normal(x.shape), 0)
+    d_through = kernels.relu_backward_twin(np, d, r)
+    np.testing.assert_array_equal(d_through, d * (r > 0))
+    sums = kernels.relu_sums_twin(np, d, r, xhat, 0.0, 1.0, 1.0)
+    np.testing.assert_allclose(sums, (kernels.channel_sum_twin(np, d_through), kernels.channel_dot_twin(np, d_through, xhat)),
+                               rtol=1e-12)
+    consts = kernels.bn_backward_constants_twin(np, gamma, inv_std, sums[1], sums[0], m, True, grads)
+    np.testing.assert_allclose(kernels.bn_backward_twin(np, d, r, xhat, *consts), bn.backward(d_through),
+                               rtol=1e-10, atol=1e-12)
     assert not kernels.enabled(np)
 
 
@@ -75,7 +89,7 @@ def test_the_fused_block_on_its_kernel_path_matches_the_plain_block(monkeypatch,
         _assert_same(plain, quick, rng.standard_normal((3, 6, 6, c_in)), train, rng)
 
 
-TYPES = {"float64": "double", "float32": "float", "int32": "int", "uint8": "unsigned char"}
+TYPES = {"float64": "double", "float32": "float", "int32": "int", "int64": "long long", "uint8": "unsigned char"}
 
 
 def _cpp(name, ins, outs, body):
@@ -129,10 +143,22 @@ def test_cupy_kernels_match_their_twins(monkeypatch, dtype, rtol):
         x[0, 0, 0] = x[0, 0, 1] if shape[2] > 1 else x[0, 0, 0]  # a tie, for good measure
         pairs = [
             (kernels.channel_sum(cp, x), kernels.channel_sum_twin(cp, x)),
+            (kernels.channel_sum(cp, x, 1 / 7), kernels.channel_sum_twin(cp, x, 1 / 7)),
             (kernels.channel_dot(cp, x, w), kernels.channel_dot_twin(cp, x, w)),
             (kernels.channel_sq_dev(cp, x, vec[0]), kernels.channel_sq_dev_twin(cp, x, vec[0])),
-            (kernels.bn_backward(cp, x, w, *vec[:3]), kernels.bn_backward_twin(cp, x, w, *vec[:3])),
+            (kernels.channel_sq_dev(cp, x, vec[0], 1 / 7), kernels.channel_sq_dev_twin(cp, x, vec[0], 1 / 7)),
+            (kernels.bn_backward(cp, x, None, w, *vec[:3]), kernels.bn_backward_twin(cp, x, None, w, *vec[:3])),
+            (kernels.bn_backward(cp, x, w, x, *vec[:3]), kernels.bn_backward_twin(cp, x, w, x, *vec[:3])),
+            (kernels.relu_backward(cp, x, w), kernels.relu_backward_twin(cp, x, w)),
         ]
+        for k, stride, pad in ((3, 2, 1), (1, 2, 0), (3, 1, 1), (2, 2, 0)):     # col2im, odd sizes too
+            n, h, w, c = shape
+            ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+            dcols = cp.asarray(rng.standard_normal((n * ho * wo, k * k * c)), dtype=dtype)
+            pairs.append((kernels.col2im(cp, dcols, shape, k, stride, pad),
+                          kernels.col2im_twin(cp, dcols, shape, k, stride, pad)))
+        for relu in (True, False):
+            pairs += list(zip(kernels.bn_relu(cp, x.copy(), *vec, w, relu), kernels.bn_relu_twin(cp, x.copy(), *vec, w, relu)))
         got = kernels.bn_relu(cp, x.copy(), *vec, w)
         want = kernels.bn_relu_twin(cp, x.copy(), *vec, w)
         pairs += list(zip(got, want))
@@ -142,13 +168,20 @@ def test_cupy_kernels_match_their_twins(monkeypatch, dtype, rtol):
                           kernels.block_constants_twin(cp, *per_channel, 1e-5)))
         for train in (True, False):
             back = (vec[2], vec[1], sign, vec[0], vec[3], vec[2], 37)  # gamma, inv_std, sign, mean, dgamma, dbeta, m
-            pairs += list(zip(kernels.block_backward_constants(cp, *back, train),
-                              kernels.block_backward_constants_twin(cp, *back, train)))
+            grads = [[v.copy() for v in vec[1:4]] for _ in range(2)]     # accumulated into
+            pairs += list(zip(kernels.block_backward_constants(cp, *back, train, grads[0]),
+                              kernels.block_backward_constants_twin(cp, *back, train, grads[1])))
+            pairs += list(zip(*grads))
+            bn_back = (vec[2], vec[1], vec[3], vec[2], 37)        # gamma, inv_std, dgamma, dbeta, m
+            grads = [[v.copy() for v in vec[1:3]] for _ in range(2)]
+            pairs += list(zip(kernels.bn_backward_constants(cp, *bn_back, train, grads[0]),
+                              kernels.bn_backward_constants_twin(cp, *bn_back, train, grads[1])))
+            pairs += list(zip(*grads))
         bns = [L.BatchNorm2d(c, xp=cp, dtype=dtype) for _ in range(2)]
         for bn in bns:
             bn.buffers["running_mean"][...], bn.buffers["running_var"][...] = vec[3], vec[1]
-        kernels.running_stats(cp, bns[0], vec[0], vec[1], 37)
-        kernels.running_stats_twin(cp, bns[1], vec[0], vec[1], 37)
+        kernels.running_stats(cp, bns[0], vec[0], vec[1], 37, sign, vec[2])
+        kernels.running_stats_twin(cp, bns[1], vec[0], vec[1], 37, sign, vec[2])
         pairs += [(bns[0].buffers[k], bns[1].buffers[k]) for k in bns[0].buffers]
         from scratchproto import Adam, build_backbone
         net = build_backbone("convnet", seed=0, width=8, xp=cp, dtype=dtype)
@@ -166,8 +199,8 @@ def test_cupy_kernels_match_their_twins(monkeypatch, dtype, rtol):
             dout = cp.asarray(rng.standard_normal(winner.shape), dtype=dtype)
             pairs.append((kernels.conv_block_dy(cp, xr, vec[2], vec[3], vec[0], dout, out, winner),
                           kernels.conv_block_dy_twin(cp, xr, vec[2], vec[3], vec[0], dout, out, winner)))
-            pairs += list(zip(kernels.relu_sums(cp, dout, out, pooled, vec[3], vec[1]),
-                              kernels.relu_sums_twin(cp, dout, out, pooled, vec[3], vec[1])))
+            pairs += list(zip(kernels.relu_sums(cp, dout, out, pooled, vec[3], sign, vec[1]),
+                              kernels.relu_sums_twin(cp, dout, out, pooled, vec[3], sign, vec[1])))
         for a, b in pairs:
             np.testing.assert_allclose(cp.asnumpy(a), cp.asnumpy(b), rtol=rtol, atol=rtol)
 
@@ -209,3 +242,30 @@ def test_adam_on_its_kernel_path_matches_the_flat_step(monkeypatch):
     np.testing.assert_allclose(nets[1].flat_params, nets[0].flat_params, rtol=1e-14, atol=0)
     np.testing.assert_allclose(opts[1].v_flat, opts[0].v_flat, rtol=1e-14, atol=0)
     assert not np.array_equal(nets[0].flat_params, build_backbone("convnet", seed=0, width=8, dtype=F64).flat_params)
+
+
+@pytest.mark.parametrize("backbone,batch", [("convnet", 3), ("resnet18", 2)])
+def test_whole_backbones_on_the_kernel_path_match_the_plain_layers(monkeypatch, backbone, batch):
+    """Every fused piece at once (stand-in kernels), ResNet-18's stem and shortcut BatchNorms
+    included: outputs, input gradient, every parameter gradient and the BatchNorm buffers."""
+    from scratchproto import build_backbone
+    monkeypatch.setattr(kernels, "enabled", lambda xp: True)
+    monkeypatch.setattr(kernels, "_kernel", StandIn)
+    plain = build_backbone(backbone, seed=0, dtype=F64, fast=False)
+    quick = build_backbone(backbone, seed=0, dtype=F64)
+    rng = np.random.default_rng(8)
+    for train in (True, False, True):
+        x = rng.random((batch, 1, 28, 28))
+        z1, z2 = plain.forward(x, train), quick.forward(x, train)
+        np.testing.assert_allclose(z2, z1, rtol=1e-9, atol=1e-11)
+        r = rng.standard_normal(z1.shape)
+        plain.zero_grad()
+        quick.zero_grad()
+        np.testing.assert_allclose(quick.backward(r), plain.backward(r), rtol=1e-8, atol=1e-11)
+        g1, g2 = plain.grads(), quick.grads()
+        scale = max(np.abs(g).max() for g in g1.values())   # (a conv bias before BatchNorm: 0 + rounding)
+        for k in g1:
+            np.testing.assert_allclose(g2[k], g1[k], rtol=1e-8, atol=1e-12 * scale, err_msg=k)
+        s1, s2 = plain.state_dict(), quick.state_dict()
+        for k in s1:   # (the batch variances are sums in another order: float64 rounding, ~1e-12)
+            np.testing.assert_allclose(s2[k], s1[k], rtol=1e-10, err_msg=k)

@@ -1,0 +1,55 @@
+"""The GPU path's launch budget (issue 13), counted on the CPU: benchmarks/launches.py runs one
+training episode on NumPy arrays that count every array operation (on a GPU, a kernel launch each),
+with kernels.py's kernels replaced by their twins, one launch per call."""
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+from scratchproto import backend, kernels
+
+_spec = importlib.util.spec_from_file_location(
+    "launches", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "launches.py")
+launches = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(launches)
+
+
+def _count(fn):
+    """The operations fn(xp) does on the counting module."""
+    launches.COUNTS.clear()
+    fn(launches.counting_module())
+    return dict(launches.COUNTS)
+
+
+def test_the_counter_counts_kernels_not_views():
+    a = np.ones((4, 6), dtype=np.float32)
+    assert _count(lambda xp: xp.asarray(a)) == {"make asarray": 1}                 # a copy to the device
+    assert _count(lambda xp: xp.asarray(xp.asarray(a)).T.reshape(3, 2, 4)[1:]) == {
+        "make asarray": 1}                       # asarray of a device array, and views: free
+    assert _count(lambda xp: xp.asarray(a).T.reshape(-1)) == {
+        "make asarray": 1, "copy (reshape)": 1}  # a transposed array flattened: a copy
+    assert _count(lambda xp: xp.ascontiguousarray(xp.asarray(a)) + 1) == {"make asarray": 1, "ufunc add": 1}
+    assert _count(lambda xp: xp.asarray(a).sum(axis=0).argmax()) == {
+        "make asarray": 1, "ufunc add.reduce": 1, "argmax": 1}
+
+    def write(xp):
+        b = xp.empty((4, 6), dtype=np.float32)          # an allocation alone launches nothing
+        b[...] = xp.asarray(a)
+    assert _count(write) == {"make asarray": 1, "copy (a[...] = b)": 1}
+
+
+def test_counting_restores_the_library():
+    hooks = (backend.xp_of, backend.to_host, kernels.enabled, kernels._kernel)
+    launches.count_episode("convnet", 3, 1, 1, True)
+    assert (backend.xp_of, backend.to_host, kernels.enabled, kernels._kernel) == hooks
+
+
+@pytest.mark.parametrize("backbone,way,budget", [("convnet", 60, 150), ("resnet18", 20, 500)])
+def test_a_training_episode_stays_in_the_launch_budget(backbone, way, budget):
+    """One 5-shot 5-query training episode (forward, loss, NC metrics, backward, Adam step) on the
+    kernel path: at most 150 operations for the ConvNet, 500 for ResNet-18 (the issue's budgets;
+    each costs ~10 us of host time on a GPU, the ConvNet's whole PyTorch episode ~5 ms)."""
+    counts = launches.count_episode(backbone, way, 5, 5, use_kernels=True)
+    assert sum(counts.values()) <= budget, counts.most_common(10)
+    assert counts["copy to host"] == 1            # the NC metrics' one small array
