@@ -19,7 +19,7 @@ The backward pass, by hand. With P the softmax and Y the one-hot labels, dloss/d
 import numpy as np
 
 from . import backend
-from .collapse import METRICS, collapse_metrics
+from .collapse import METRICS, collapse_summaries, metrics_from_summaries
 
 
 def protonet_loss(z, way, shot, query, need_grad=True):
@@ -78,8 +78,12 @@ class ProtoNet:
 
         BatchNorm runs in training mode when ``train`` and in evaluation mode otherwise. Returns
         loss, acc, embeddings (on the device; support rows first, class-major, then query) and every
-        collapse metric for the support and the query features ('nc1_support', 'nc1_query', ...),
-        computed on the device too.
+        collapse metric for the support and the query features ('nc1_support', 'nc1_query', ...).
+
+        The order is for a GPU, which runs what it is given while Python goes on: the NC metrics'
+        summaries are queued right after the forward pass, so that reading the loss (which waits
+        for the GPU) finds them made too; their one copy to the host then waits for nothing, and
+        the host finishes the metrics while the GPU runs the backward pass.
         """
         way, shot, query = xs.shape[0], xs.shape[1], xq.shape[1]
         if xq.shape[0] != way:
@@ -88,20 +92,23 @@ class ProtoNet:
         x = backend.xp_of(xs).concatenate([xs.reshape(way * shot, *xs.shape[2:]),
                                            xq.reshape(way * query, *xq.shape[2:])])
         z = self.net.forward(x, train=train)
+        n_s = way * shot
+        if shot == query:       # support and query as one stack (2, N, K, d): a view of z
+            stacks, ks = [z.reshape(2, way, shot, -1)], (shot, query)
+        else:
+            stacks, ks = [z[:n_s].reshape(1, way, shot, -1), z[n_s:].reshape(1, way, query, -1)], (shot, query)
+        summaries = [collapse_summaries(h) for h in stacks]
         loss, acc, dz = protonet_loss(z, way, shot, query, need_grad=train)
-        if train and np.isfinite(loss):
-            self.net.zero_grad()
-            self.net.backward(dz, need_dx=False)
         res = {"loss": loss, "acc": acc, "embeddings": z}
         # a finite loss means finite embeddings (an inf or nan one would reach some query's loss)
-        if np.isfinite(loss):
-            if shot == query:       # one stack (2, N, K, d), one copy to the host (a view of z)
-                found = collapse_metrics(z.reshape(2, way, shot, -1))
-            else:
-                found = [collapse_metrics(z[:way * shot].reshape(way, shot, -1)),
-                         collapse_metrics(z[way * shot:].reshape(way, query, -1))]
-            for part, metrics in zip(("support", "query"), found):
-                res.update({f"{name}_{part}": value for name, value in metrics.items()})
-        else:
+        if not np.isfinite(loss):
             res.update({f"{m}_{part}": float("nan") for m in METRICS for part in ("support", "query")})
+            return res
+        rows = [row for s in summaries for row in backend.to_host(s)]    # support's, then query's
+        if train:
+            self.net.zero_grad()
+            self.net.backward(dz, need_dx=False)
+        for part, row, k in zip(("support", "query"), rows, ks):
+            metrics = metrics_from_summaries(row, way, k, z.shape[1])
+            res.update({f"{name}_{part}": value for name, value in metrics.items()})
         return res
