@@ -269,3 +269,31 @@ def test_whole_backbones_on_the_kernel_path_match_the_plain_layers(monkeypatch, 
         s1, s2 = plain.state_dict(), quick.state_dict()
         for k in s1:   # (the batch variances are sums in another order: float64 rounding, ~1e-12)
             np.testing.assert_allclose(s2[k], s1[k], rtol=1e-10, err_msg=k)
+
+
+@pytest.mark.skipif(_cupy is None, reason=f"no GPU path here: {_why}")
+@pytest.mark.parametrize("backbone,batch", [("convnet", 3), ("resnet18", 2)])
+def test_cupy_backbones_on_the_kernels_match_the_plain_layers(monkeypatch, backbone, batch):
+    """The compiled kernels end to end, in float64: the fast backbone on CuPy with the kernels
+    against the plain one on NumPy (outputs, input gradient, parameter gradients, buffers)."""
+    from scratchproto import build_backbone
+    cp = _cupy
+    monkeypatch.setenv(kernels.ENV, "1")
+    plain = build_backbone(backbone, seed=0, dtype=F64, fast=False)
+    quick = build_backbone(backbone, seed=0, dtype=F64, xp=cp)
+    rng = np.random.default_rng(9)
+    for train in (True, False, True):
+        x = rng.random((batch, 1, 28, 28))
+        z1, z2 = plain.forward(x, train), quick.forward(cp.asarray(x), train)
+        np.testing.assert_allclose(cp.asnumpy(z2), z1, rtol=1e-9, atol=1e-11)
+        r = rng.standard_normal(z1.shape)
+        plain.zero_grad()
+        quick.zero_grad()
+        np.testing.assert_allclose(cp.asnumpy(quick.backward(cp.asarray(r))), plain.backward(r), rtol=1e-8, atol=1e-11)
+        g1, g2 = plain.grads(), quick.grads()
+        scale = max(np.abs(g).max() for g in g1.values())
+        for k in g1:
+            np.testing.assert_allclose(g2[k], g1[k], rtol=1e-8, atol=1e-12 * scale, err_msg=k)
+        s1, s2 = plain.state_dict(), quick.state_dict()
+        for k in s1:
+            np.testing.assert_allclose(s2[k], s1[k], rtol=1e-10, err_msg=k)
