@@ -2,7 +2,8 @@
 # One sitting on a GPU machine (the GPU issue's plan), in order, inside a time budget:
 #   1. versions, and a TF32 self-check (CuPy's float32 product with TF32 off and on, against float64);
 #   2. the CuPy variants of the tests (FP32: TF32 stays off in them);
-#   3. each CUDA kernel against its NumPy twin (once scratchproto/kernels.py exists);
+#   3. each CUDA kernel against its NumPy twin, and the kernels end to end; if these pass, the
+#      comparisons below run with SCRATCHPROTO_KERNELS=1 (and the ConvNet once without, INFO line);
 #   4. scratchproto (CuPy) against PyTorch (cuDNN), alternating: ConvNet FP32 against PyTorch's
 #      default, ResNet-18 TF32 against PyTorch's default, ResNet-18 FP32 against PyTorch in FP32
 #      (NVIDIA_TF32_OVERRIDE=0); 60-way 5-shot 5-query; PyTorch's peak GPU memory;
@@ -29,8 +30,9 @@ compare() {   # compare.py with its arguments; prints its lines and keeps the su
     --device gpu --way 60 --shot 5 --query 5 --episodes 10 --rounds 3 "$@" | tee "$OUT/last_compare"
 }
 result() {    # RESULT <backbone> <mode> scratchproto <s> <torch label> <s> ratio <r>, from the last compare
-  awk -v b="$1" -v m="$2" -v t="$3" '/median sec\/episode/ {
-    printf "RESULT %s %s scratchproto %s %s %s ratio %s\n", b, m, $4, t, $6, $8 }' "$OUT/last_compare" >> "$OUT/results"
+  # (a fourth argument replaces the word RESULT: lines that are not the GPU issue's three)
+  awk -v b="$1" -v m="$2" -v t="$3" -v w="${4:-RESULT}" '/median sec\/episode/ {
+    printf "%s %s %s scratchproto %s %s %s ratio %s\n", w, b, m, $4, t, $6, $8 }' "$OUT/last_compare" >> "$OUT/results"
 }
 
 main() {
@@ -60,13 +62,19 @@ step "CuPy tests"
 timeout 180 $PY -m pytest -q -rfEs -p no:cacheprovider -k cupy tests/ --durations=8
 
 step "kernels against their NumPy twins"
-if [ -f scratchproto/kernels.py ]; then
-  timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py
-else
-  echo "no scratchproto/kernels.py yet"
-fi
+kernels_ok=0
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py && kernels_ok=1
 
 step "scratchproto vs PyTorch, alternating, 60-way 5-shot 5-query"
+if [ $kernels_ok = 1 ]; then
+  # the kernels passed on this GPU: the comparisons run them (the opt-in), and the ConvNet once
+  # without them too, for the before and after in one sitting
+  export SCRATCHPROTO_KERNELS=1
+  echo "SCRATCHPROTO_KERNELS=1 (kernels' tests passed)"
+  SCRATCHPROTO_KERNELS=0 compare --backbone convnet --rounds 2; result convnet fp32-no-kernels torch-default INFO
+else
+  echo "kernels' tests failed: the comparisons run without them"
+fi
 compare --backbone convnet; result convnet fp32 torch-default
 compare --backbone resnet18 --tf32; result resnet18 tf32 torch-default
 compare --backbone resnet18 --torch-fp32; result resnet18 fp32 torch-fp32
