@@ -22,7 +22,7 @@ trace.jsonl and eval.json; the figures leave them out and say why).
 All are computed in float64 and in two halves. On the device that holds the features (NumPy or
 CuPy) go the parts that touch all N*K*d numbers, as a dozen array operations: the class means,
 the Gram matrix of the centred means G = H H^T (N, N), the within-class projections onto them,
-M = (E H^T)^T (E H^T) (N, N), E (NK, d) being the features minus their class means, and the
+P = (E H^T)^T (E H^T) (N, N), E (NK, d) being the features minus their class means, and the
 within-class variances V_n. One small array of these (2 N^2 + N numbers) is copied to the host,
 which finishes the metrics from it in NumPy: on a GPU each array operation is a kernel launch,
 and the N x N finish would be some fifty of them. A simplex ETF of class means makes nc2,
@@ -37,8 +37,8 @@ directions are rounding noise, and inverting them would explode nc1.
 No d x d matrix is formed (d = 512 for ResNet-18). With the thin SVD H = U S V^T,
 Sigma_B^+ = N V S^-2 V^T on the kept directions, so
     nc1 = (1/N) tr(Sigma_W N V S^-2 V^T) = sum_i ||E v_i||^2 / (N K s_i^2),
-and since v_i = H^T u_i / s_i, ||E v_i||^2 = u_i^T M u_i / s_i^2, where u_i and s_i^2 are the
-eigenvectors and eigenvalues of G: nc1 = sum_i u_i^T M u_i / (N K s_i^4), from G and M alone
+and since v_i = H^T u_i / s_i, ||E v_i||^2 = u_i^T P u_i / s_i^2, where u_i and s_i^2 are the
+eigenvectors and eigenvalues of G: nc1 = sum_i u_i^T P u_i / (N K s_i^4), from G and P alone
 (lesson 7 derives it). The distances between class means come from G too:
 ||mu_n - mu_m||^2 = G_nn + G_mm - 2 G_nm, and the cosines, G_nm / sqrt(G_nn G_mm).
 """
@@ -60,7 +60,7 @@ def _etf_distance(gram):
 
 def collapse_summaries(h):
     """The device half: for features h (N, K, d), or a stack of B such sets (B, N, K, d), the
-    float64 array (B, 2 N^2 + N) of [G, M, V] (see the module docstring), on h's device."""
+    float64 array (B, 2 N^2 + N) of [G, P, K V] (see the module docstring), on h's device."""
     xp = backend.xp_of(h)
     h = xp.asarray(h, dtype=np.float64)
     h = h.reshape((-1,) + h.shape[-3:])             # (B, N, K, d)
@@ -71,19 +71,19 @@ def collapse_summaries(h):
     centred_t = centred.transpose(0, 2, 1)          # (B, d, N)
     gram = centred @ centred_t                      # G = H H^T
     proj = within.reshape(b, n * k, d) @ centred_t  # E H^T (B, NK, N)
-    m = proj.transpose(0, 2, 1) @ proj              # M
+    p = proj.transpose(0, 2, 1) @ proj              # P
     var = (within * within).sum(axis=(2, 3))        # K V_n: the host divides by K
-    return xp.concatenate([gram.reshape(b, -1), m.reshape(b, -1), var], axis=1)
+    return xp.concatenate([gram.reshape(b, -1), p.reshape(b, -1), var], axis=1)
 
 
 def metrics_from_summaries(summary, n, k, d):
-    """The host half: every metric from one row [G, M, K V] of collapse_summaries (NumPy)."""
+    """The host half: every metric from one row [G, P, K V] of collapse_summaries (NumPy)."""
     gram = summary[:n * n].reshape(n, n)
-    m = summary[n * n:2 * n * n].reshape(n, n)
+    p = summary[n * n:2 * n * n].reshape(n, n)
     var = summary[2 * n * n:] / k                   # V_n
     eig, u = np.linalg.eigh(gram)                   # eig = s_i^2
     keep = eig > max(d, n) * PINV_RTOL * eig.max()  # all False when H = 0: then nc1 = 0
-    spread = np.einsum("ji,jl,li->i", u, m, u)      # u_i^T M u_i = s_i^2 ||E v_i||^2
+    spread = np.einsum("ji,jl,li->i", u, p, u)      # u_i^T P u_i = s_i^2 ||E v_i||^2
     nc1 = (spread[keep] / eig[keep] ** 2).sum() / (n * k)
     sq_norms = np.maximum(np.diag(gram), 0.0)
     norms = np.sqrt(sq_norms)
