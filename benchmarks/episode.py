@@ -82,7 +82,7 @@ def main():
     p.add_argument("--tf32", action="store_true", help="on a GPU, TF32 tensor cores for float32 products")
     p.add_argument("--log2-chunk", type=int, metavar="N",
                    help="im2col chunks of 2**N floats (FastConv2d.CHUNK_FLOATS and GPU_CHUNK_FLOATS; "
-                        "default: fast.py's, 2**21 on a CPU, 2**26 on a GPU)")
+                        "default: fast.py's, 2**20 on a CPU, 2**27 on a GPU)")
     p.add_argument("--data", help="an Omniglot folder (see run.py --data): also time drawing real "
                                   "episodes (the sampler and the copy to the device)")
     a = p.parse_args()

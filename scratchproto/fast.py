@@ -77,7 +77,7 @@ class Workspace:
         """A scratch array of this shape, carved from one buffer shared by all layers (grown when
         too small): for temporaries used and dropped within one call, like an im2col chunk. One
         buffer for the network instead of one per layer matters on a GPU, where a chunk is up to
-        256 MB."""
+        512 MB."""
         size = int(np.prod(shape))
         key = (self.xp.__name__, np.dtype(dtype).str)
         buf = Workspace._shared.get(key)
@@ -166,11 +166,12 @@ class FastConv2d(Workspace, Conv2d):
     # than that runs slower (ResNet-18's 512-channel layers, whose rows are 4608 floats wide;
     # benchmarks/README.md). The buffers stay small (ResNet-18's 20-way episode peaks ~200 MB
     # lower than with 32 MB chunks). On a GPU every chunk costs kernel launches and small GEMMs
-    # leave most of the chip idle, so chunks are 64 times larger (a whole layer of a 60-way
-    # episode in one or two).
+    # leave most of the chip idle, so chunks are 128 times larger, 512 MB: every layer of a
+    # 60-way ConvNet episode in one, ResNet-18's in one to three (its training episode is then
+    # about 500 launches at 60-way, 595 with 256 MB chunks; benchmarks/README.md).
     CHUNK_FLOATS = 1 << 20
     CHUNK_MIN_ROWS = 512
-    GPU_CHUNK_FLOATS = 1 << 26
+    GPU_CHUNK_FLOATS = 1 << 27
     NARROW_K = 32                 # k*k*C_in up to this: plain im2col
 
     def _window_view(self, xpad, n0, n1, ho, wo, st):
@@ -628,19 +629,20 @@ def normalise_in_place(bn, y, train):
 
 
 def batchnorm_forward_kernels(bn, y, train, residual=None, relu=True):
-    """BatchNorm2d's forward [+ residual] [+ ReLU] in four CUDA kernels (kernels.py): two channel
-    reductions, the per-channel constants, one elementwise pass. y (the convolution's fresh
-    output) is overwritten with xhat. Returns (out, xhat, inv_std)."""
+    """BatchNorm2d's forward [+ residual] [+ ReLU] in four CUDA kernels (kernels.py) in training:
+    two channel reductions, the running statistics with 1/sigma, one elementwise pass (two in
+    evaluation). y (the convolution's fresh output) is overwritten with xhat.
+    Returns (out, xhat, inv_std)."""
     xp = bn.xp
     m = y.size // bn.c
+    gamma, beta = bn.params["weight"], bn.params["bias"]
     if train:
         mean = kernels.channel_sum(xp, y, 1.0 / m)
         var = kernels.channel_sq_dev(xp, y, mean, 1.0 / m)
-        kernels.running_stats(xp, bn, mean, var, m)
+        inv_std = kernels.running_stats(xp, bn, mean, var, m)         # and 1/sqrt(var + eps)
     else:
         mean, var = bn.buffers["running_mean"], bn.buffers["running_var"]
-    gamma, beta = bn.params["weight"], bn.params["bias"]
-    inv_std = kernels.block_constants(xp, gamma, beta, 1.0, mean, var, bn.eps)[0]    # 1/sqrt(var + eps)
+        inv_std = kernels.block_constants(xp, gamma, beta, 1.0, mean, var, bn.eps)[0]
     xhat, out = kernels.bn_relu(xp, y, mean, inv_std, gamma, beta, residual, relu)
     return out, xhat, inv_std
 

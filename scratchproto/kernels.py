@@ -27,7 +27,8 @@ transposing copies. Each entry here does one such group in one kernel:
   convolution's output, dy = dy_per_y * y + dy_const everywhere, plus a * dout at each window's
   winner where the ReLU let it through;
 * ``running_stats(bn, mean, var, m, sign, bias)``: BatchNorm's running statistics moved towards a
-  batch's (whose mean is sign * mean + bias: the ConvNet block works with sign * conv(x), no bias);
+  batch's (whose mean is sign * mean + bias: the ConvNet block works with sign * conv(x), no bias),
+  and the batch's 1 / sqrt(var + eps), which normalises it, returned;
 * ``block_constants(...)`` / ``block_backward_constants(...)``: the block's per-channel constants,
   forward (1/sigma, scale, shift) and backward (the coefficients of dy, and the parameter
   gradients added where they accumulate), a dozen tiny operations each, which on a GPU are as
@@ -147,9 +148,10 @@ ELEMENTWISE = {
     # per channel: the running statistics updated in place (read and written), and the one
     # counter of batches (a raw array of one element) by the first thread
     "running_stats": (
-        "T mean, T var, T sign, T bias, T mom, T unbias", "T running_mean, T running_var, raw int64 tracked",
+        "T mean, T var, T sign, T bias, T mom, T unbias, T eps", "T running_mean, T running_var, raw int64 tracked, T inv_std",
         """
         if (i == 0) tracked[0] += 1;
+        inv_std = (T)1 / sqrt(var + eps);
         running_mean = running_mean * ((T)1 - mom) + mom * (sign * mean + bias);
         running_var = running_var * ((T)1 - mom) + mom * var * unbias;
         """),
@@ -324,8 +326,10 @@ def conv_block_dy_twin(xp, y, dy_per_y, dy_const, a, dout, out, winner):
 
 def running_stats_twin(xp, bn, mean, var, m, sign=1, bias=0):
     """BatchNorm2d.update_running with the batch mean sign * mean + bias: running = (1 - momentum)
-    * running + momentum * batch, the variance unbiased by m / (m - 1), and num_batches_tracked + 1."""
+    * running + momentum * batch, the variance unbiased by m / (m - 1), and num_batches_tracked + 1.
+    Returns the batch's inv_std = 1 / sqrt(var + eps) (C,)."""
     bn.update_running(sign * mean + bias, var, m)
+    return 1.0 / xp.sqrt(var + bn.eps)
 
 
 def block_constants_twin(xp, gamma, beta, sign, mean, var, eps):
@@ -458,8 +462,10 @@ def running_stats(xp, bn, mean, var, m, sign=1, bias=0):
     if not enabled(xp):
         return running_stats_twin(xp, bn, mean, var, m, sign, bias)
     b, mom = bn.buffers, bn.momentum
-    _kernel("running_stats")(mean, var, sign, bias, mom, m / max(m - 1, 1), b["running_mean"], b["running_var"],
-                             b["num_batches_tracked"].reshape(1))
+    inv_std = xp.empty_like(var)
+    _kernel("running_stats")(mean, var, sign, bias, mom, m / max(m - 1, 1), bn.eps, b["running_mean"],
+                             b["running_var"], b["num_batches_tracked"].reshape(1), inv_std)
+    return inv_std
 
 
 def block_constants(xp, gamma, beta, sign, mean, var, eps):
@@ -529,13 +535,14 @@ class NumpyStandIn:
             assert winner.dtype == np.uint8 and dout.shape == out.shape == (y.shape[0], ho, wo, c)
             return conv_block_dy_twin(xp, y, dy_per_y, dy_const, a, dout, out, winner)
         if name == "running_stats":
-            mean, var, sign, bias, mom, unbias, running_mean, running_var, tracked = args
+            mean, var, sign, bias, mom, unbias, eps, running_mean, running_var, tracked, inv_std = args
             tracked[0] += 1
+            inv_std[...] = 1.0 / np.sqrt(var + eps)
             running_mean *= 1 - mom
             running_mean += mom * (sign * mean + bias)
             running_var *= 1 - mom
             running_var += mom * var * unbias
-            return running_mean, running_var
+            return running_mean, running_var, tracked, inv_std
         if name == "block_constants":
             return block_constants_twin(xp, *args)
         if name == "adam":

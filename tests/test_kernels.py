@@ -180,8 +180,8 @@ def test_cupy_kernels_match_their_twins(monkeypatch, dtype, rtol):
         bns = [L.BatchNorm2d(c, xp=cp, dtype=dtype) for _ in range(2)]
         for bn in bns:
             bn.buffers["running_mean"][...], bn.buffers["running_var"][...] = vec[3], vec[1]
-        kernels.running_stats(cp, bns[0], vec[0], vec[1], 37, sign, vec[2])
-        kernels.running_stats_twin(cp, bns[1], vec[0], vec[1], 37, sign, vec[2])
+        pairs.append((kernels.running_stats(cp, bns[0], vec[0], vec[1], 37, sign, vec[2]),
+                      kernels.running_stats_twin(cp, bns[1], vec[0], vec[1], 37, sign, vec[2])))
         pairs += [(bns[0].buffers[k], bns[1].buffers[k]) for k in bns[0].buffers]
         from scratchproto import Adam, build_backbone
         net = build_backbone("convnet", seed=0, width=8, xp=cp, dtype=dtype)
