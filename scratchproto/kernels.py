@@ -47,6 +47,8 @@ import os
 
 import numpy as np
 
+from .layers import col2im as plain_col2im, output_size
+
 ENV = "SCRATCHPROTO_KERNELS"
 
 
@@ -347,14 +349,10 @@ def block_backward_constants_twin(xp, gamma, inv_std, sign, mean, dgamma, dbeta,
     are constants); dy_per_y = coef_xhat * sign * inv_std, dy_const = coef_one - dy_per_y * mean.
     Adds the parameter gradients to grads = (gamma's, beta's, the conv bias's or None): dgamma,
     dbeta, and a dbeta + m coef_one for a bias before BatchNorm. Returns (a, dy_per_y, dy_const)."""
-    a = gamma * inv_std
-    coef_xhat = -a * dgamma / m if train else xp.zeros_like(a)
-    coef_one = -a * dbeta / m if train else xp.zeros_like(a)
+    a, coef_xhat, coef_one = bn_backward_constants_twin(xp, gamma, inv_std, dgamma, dbeta, m, train, grads[:2])
     dy_per_y = coef_xhat * sign * inv_std
     dy_const = coef_one - dy_per_y * mean
-    gamma_grad, beta_grad, bias_grad = grads
-    gamma_grad += dgamma
-    beta_grad += dbeta
+    bias_grad = grads[2]
     if bias_grad is not None:
         bias_grad += a * dbeta + m * coef_one
     return a, dy_per_y, dy_const
@@ -407,8 +405,7 @@ def bn_backward(xp, d, mask, xhat, a, cx, c1):
 
 def col2im_twin(xp, dcols, x_shape, k, stride, padding):
     """layers.col2im: dx (x_shape: N, H, W, C) from dcols (N*Ho*Wo, k*k*C), scattering each tap."""
-    from .layers import col2im as plain_col2im      # (layers imports nothing of this module, but
-    return plain_col2im(dcols, x_shape, k, stride, padding, xp)     # keep kernels.py standalone)
+    return plain_col2im(dcols, x_shape, k, stride, padding, xp)
 
 
 def col2im(xp, dcols, x_shape, k, stride, padding, out=None):
@@ -420,7 +417,7 @@ def col2im(xp, dcols, x_shape, k, stride, padding, out=None):
         out[...] = dx
         return out
     n, h, w, c = x_shape
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    ho, wo = output_size(h, k, stride, padding), output_size(w, k, stride, padding)
     out = xp.empty(x_shape, dtype=dcols.dtype) if out is None else out
     _kernel("col2im")(dcols, h, w, ho, wo, c, k, stride, padding, out)
     return out

@@ -94,9 +94,9 @@ class ProtoNet:
         z = self.net.forward(x, train=train)
         n_s = way * shot
         if shot == query:       # support and query as one stack (2, N, K, d): a view of z
-            stacks, ks = [z.reshape(2, way, shot, -1)], (shot, query)
+            stacks = [z.reshape(2, way, shot, -1)]
         else:
-            stacks, ks = [z[:n_s].reshape(1, way, shot, -1), z[n_s:].reshape(1, way, query, -1)], (shot, query)
+            stacks = [z[:n_s].reshape(1, way, shot, -1), z[n_s:].reshape(1, way, query, -1)]
         summaries = [collapse_summaries(h) for h in stacks]
         loss, acc, dz = protonet_loss(z, way, shot, query, need_grad=train)
         res = {"loss": loss, "acc": acc, "embeddings": z}
@@ -108,7 +108,7 @@ class ProtoNet:
         if train:
             self.net.zero_grad()
             self.net.backward(dz, need_dx=False)
-        for part, row, k in zip(("support", "query"), rows, ks):
+        for part, row, k in zip(("support", "query"), rows, (shot, query)):
             metrics = metrics_from_summaries(row, way, k, z.shape[1])
             res.update({f"{name}_{part}": value for name, value in metrics.items()})
         return res

@@ -244,24 +244,18 @@ def test_adam_on_its_kernel_path_matches_the_flat_step(monkeypatch):
     assert not np.array_equal(nets[0].flat_params, build_backbone("convnet", seed=0, width=8, dtype=F64).flat_params)
 
 
-@pytest.mark.parametrize("backbone,batch", [("convnet", 3), ("resnet18", 2)])
-def test_whole_backbones_on_the_kernel_path_match_the_plain_layers(monkeypatch, backbone, batch):
-    """Every fused piece at once (stand-in kernels), ResNet-18's stem and shortcut BatchNorms
-    included: outputs, input gradient, every parameter gradient and the BatchNorm buffers."""
-    from scratchproto import build_backbone
-    monkeypatch.setattr(kernels, "enabled", lambda xp: True)
-    monkeypatch.setattr(kernels, "_kernel", StandIn)
-    plain = build_backbone(backbone, seed=0, dtype=F64, fast=False)
-    quick = build_backbone(backbone, seed=0, dtype=F64)
-    rng = np.random.default_rng(8)
+def _assert_backbones_agree(plain, quick, batch, seed, dev=lambda a: a, host=lambda a: a):
+    """plain (NumPy) and quick (its arrays through dev/host) over train, eval, train: outputs, input
+    gradient, every parameter gradient and the BatchNorm buffers, in float64."""
+    rng = np.random.default_rng(seed)
     for train in (True, False, True):
         x = rng.random((batch, 1, 28, 28))
-        z1, z2 = plain.forward(x, train), quick.forward(x, train)
-        np.testing.assert_allclose(z2, z1, rtol=1e-9, atol=1e-11)
+        z1, z2 = plain.forward(x, train), quick.forward(dev(x), train)
+        np.testing.assert_allclose(host(z2), z1, rtol=1e-9, atol=1e-11)
         r = rng.standard_normal(z1.shape)
         plain.zero_grad()
         quick.zero_grad()
-        np.testing.assert_allclose(quick.backward(r), plain.backward(r), rtol=1e-8, atol=1e-11)
+        np.testing.assert_allclose(host(quick.backward(dev(r))), plain.backward(r), rtol=1e-8, atol=1e-11)
         g1, g2 = plain.grads(), quick.grads()
         scale = max(np.abs(g).max() for g in g1.values())   # (a conv bias before BatchNorm: 0 + rounding)
         for k in g1:
@@ -269,6 +263,17 @@ def test_whole_backbones_on_the_kernel_path_match_the_plain_layers(monkeypatch, 
         s1, s2 = plain.state_dict(), quick.state_dict()
         for k in s1:   # (the batch variances are sums in another order: float64 rounding, ~1e-12)
             np.testing.assert_allclose(s2[k], s1[k], rtol=1e-10, err_msg=k)
+
+
+@pytest.mark.parametrize("backbone,batch", [("convnet", 3), ("resnet18", 2)])
+def test_whole_backbones_on_the_kernel_path_match_the_plain_layers(monkeypatch, backbone, batch):
+    """Every fused piece at once (stand-in kernels), ResNet-18's stem and shortcut BatchNorms
+    included: outputs, input gradient, every parameter gradient and the BatchNorm buffers."""
+    from scratchproto import build_backbone
+    monkeypatch.setattr(kernels, "enabled", lambda xp: True)
+    monkeypatch.setattr(kernels, "_kernel", StandIn)
+    _assert_backbones_agree(build_backbone(backbone, seed=0, dtype=F64, fast=False),
+                            build_backbone(backbone, seed=0, dtype=F64), batch, seed=8)
 
 
 @pytest.mark.skipif(_cupy is None, reason=f"no GPU path here: {_why}")
@@ -279,21 +284,6 @@ def test_cupy_backbones_on_the_kernels_match_the_plain_layers(monkeypatch, backb
     from scratchproto import build_backbone
     cp = _cupy
     monkeypatch.setenv(kernels.ENV, "1")
-    plain = build_backbone(backbone, seed=0, dtype=F64, fast=False)
-    quick = build_backbone(backbone, seed=0, dtype=F64, xp=cp)
-    rng = np.random.default_rng(9)
-    for train in (True, False, True):
-        x = rng.random((batch, 1, 28, 28))
-        z1, z2 = plain.forward(x, train), quick.forward(cp.asarray(x), train)
-        np.testing.assert_allclose(cp.asnumpy(z2), z1, rtol=1e-9, atol=1e-11)
-        r = rng.standard_normal(z1.shape)
-        plain.zero_grad()
-        quick.zero_grad()
-        np.testing.assert_allclose(cp.asnumpy(quick.backward(cp.asarray(r))), plain.backward(r), rtol=1e-8, atol=1e-11)
-        g1, g2 = plain.grads(), quick.grads()
-        scale = max(np.abs(g).max() for g in g1.values())
-        for k in g1:
-            np.testing.assert_allclose(g2[k], g1[k], rtol=1e-8, atol=1e-12 * scale, err_msg=k)
-        s1, s2 = plain.state_dict(), quick.state_dict()
-        for k in s1:
-            np.testing.assert_allclose(s2[k], s1[k], rtol=1e-10, err_msg=k)
+    _assert_backbones_agree(build_backbone(backbone, seed=0, dtype=F64, fast=False),
+                            build_backbone(backbone, seed=0, dtype=F64, xp=cp), batch, seed=9,
+                            dev=cp.asarray, host=cp.asnumpy)
