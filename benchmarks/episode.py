@@ -115,8 +115,8 @@ def main():
         label += " tf32"
     if xp is np:
         from scratchproto import fast
-        label += (f" threads {fast.THREADS} openblas_timeout "
-                  f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'default')}")
+        label += (f" threads {fast.THREADS} openblas_threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}"
+                  f" openblas_timeout {os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'default')}")
     print(f"scratchproto {a.backbone}{label} {backend.device_name(xp)} {a.way}w{a.shot}s{a.query}q "
           f"numpy {np.__version__} python {platform.python_version()}: "
           f"sec/episode={med:.4f} (min {min(times):.4f}, {len(times)} runs) images/s={n_img / med:.0f} {mem}")

@@ -5,8 +5,9 @@ backbone on one batch, fast.THREADS = 1 against the default, median seconds and 
 
   python benchmarks/threads.py --backbone convnet --images 600 --steps 5
 
-Run it as is: scratchproto is imported before NumPy, so OPENBLAS_THREAD_TIMEOUT is set (see
-docs/engine.md); `--spinning` leaves OpenBLAS's default instead (its idle threads spin).
+Run it as is: scratchproto is imported before NumPy, so OpenBLAS runs on one thread and ours deal
+out the work (see docs/engine.md); `--spinning` gives OpenBLAS every core with its default thread
+timeout instead (its idle threads spin: the arrangement before session 7).
 """
 import argparse
 import os
@@ -18,11 +19,12 @@ import time
 
 if "--spinning" in sys.argv:
     os.environ.setdefault("SCRATCHPROTO_THREADS", str(len(os.sched_getaffinity(0))))
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", os.environ["SCRATCHPROTO_THREADS"])
     os.environ["OPENBLAS_THREAD_TIMEOUT"] = "28"       # OpenBLAS's default
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from scratchproto import backend, fast  # noqa: E402
 from scratchproto.backbones import build_backbone  # noqa: E402
-import numpy as np  # noqa: E402  (after scratchproto, which sets OpenBLAS's thread timeout first)
+import numpy as np  # noqa: E402  (after scratchproto, which sets OpenBLAS's threads first)
 
 
 def main():
@@ -30,7 +32,8 @@ def main():
     p.add_argument("--backbone", default="convnet")
     p.add_argument("--images", type=int, default=600, help="batch size (600: a 60-way 5-shot 5-query episode)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per setting (after one warm-up)")
-    p.add_argument("--spinning", action="store_true", help="OpenBLAS's default thread timeout (spinning)")
+    p.add_argument("--spinning", action="store_true",
+                   help="OpenBLAS on every core with its default thread timeout (spinning)")
     a = p.parse_args()
     backend.keep_freed_memory()
     net = build_backbone(a.backbone, seed=3)
@@ -50,7 +53,8 @@ def main():
             if step:                        # the first is a warm-up
                 times[t].append(time.perf_counter() - t0)
                 faults[t].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    print(f"{a.backbone} {a.images} images, forward + backward, OPENBLAS_THREAD_TIMEOUT="
+    print(f"{a.backbone} {a.images} images, forward + backward, OPENBLAS_NUM_THREADS="
+          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'default')} OPENBLAS_THREAD_TIMEOUT="
           f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'default')}:")
     for t in settings:
         print(f"  threads {t}: median {statistics.median(times[t]):.3f} s "

@@ -31,18 +31,22 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
   gradients it owns. Same operations in the same order as the plain layers, so the same numbers,
   with four fewer full-size arrays allocated per block and direction.
 
-On a CPU the passes outside the GEMMs (BatchNorm statistics, pooling, scale/shift/ReLU, dy and
-the pooling winners, the im2col copies) use every core the process may use (``THREADS``): each
-pass is split by images among a few reused threads (``over_images``; NumPy lets go of the GIL in
-its loops), and each thread's share is walked in blocks of about 1 MB, so that a block's
-temporaries are read back while they are still in the cache. A block's result does not depend on
-who computes it, so the numbers are the same with any number of threads.
+On a CPU everything uses every core the process may use (``THREADS``): the passes outside the
+GEMMs (BatchNorm statistics, pooling, scale/shift/ReLU, dy and the pooling winners, the im2col
+copies) in blocks of images of about 1 MB, so that a block's temporaries are read back while they
+are still in the cache (``over_images``), and the convolutions in chunks of images, a chunk's
+im2col copy, its GEMMs (OpenBLAS on one thread) and its part of the weight gradient being one
+task. A few reused threads take the blocks or chunks one at a time from a shared queue
+(``deal``; NumPy lets go of the GIL in its loops and BLAS calls), so a core that runs slower
+takes fewer. A block's result does not depend on who computes it and partial sums are added in
+chunk order, so the numbers are the same with any number of threads.
 
 tests/test_fast.py checks them against the plain layers, in float64, to rounding.
 """
 import os
+import threading
 from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -71,15 +75,15 @@ class Workspace:
             a = ws[name] = (self.xp.zeros if zero_border else self.xp.empty)(shape, dtype=dtype)
         return a
 
-    _shared = {}   # (array module, dtype) -> one flat scratch array that every layer shares
+    _shared = {}   # (array module, dtype, thread) -> one flat scratch array that every layer shares
 
     def shared_workspace(self, shape, dtype):
         """A scratch array of this shape, carved from one buffer shared by all layers (grown when
-        too small): for temporaries used and dropped within one call, like an im2col chunk. One
+        too small): for temporaries used and dropped within one task, like an im2col chunk. One
         buffer for the network instead of one per layer matters on a GPU, where a chunk is up to
-        512 MB."""
+        512 MB; on a CPU each of our threads has its own (``deal``)."""
         size = int(np.prod(shape))
-        key = (self.xp.__name__, np.dtype(dtype).str)
+        key = (self.xp.__name__, np.dtype(dtype).str, thread_slot())
         buf = Workspace._shared.get(key)
         if buf is None or buf.size < size:
             buf = Workspace._shared[key] = self.xp.empty(size, dtype=dtype)
@@ -105,6 +109,56 @@ def cpu_threads():
 THREADS = cpu_threads()
 BLOCK_FLOATS = 1 << 18      # about 1 MB of float32 per block: within a core's L2 cache
 _pool = None                # (workers, executor): THREADS - 1 threads, made on first use; the caller is the last
+_local = threading.local()  # .slot: which of our threads this is (0: the caller), while it takes tasks
+
+
+def thread_slot():
+    """0 in the calling thread, 1 .. THREADS - 1 in the workers while they take tasks: for
+    per-thread scratch buffers (an im2col chunk each)."""
+    return getattr(_local, "slot", 0)
+
+
+def deal(xp, tasks, fn):
+    """[fn(*task) for task in tasks], in order.
+
+    On NumPy with THREADS > 1 our threads take the tasks one at a time from a shared queue
+    (the caller is one of them): a core that runs slower, because the host gives it less, takes
+    fewer tasks instead of holding the others up at a fixed half. fn must write only to the
+    part of its outputs that its task names; results that must be combined (partial sums) are
+    returned, and the caller combines them in task order, so the numbers do not depend on who
+    computed what. Inside a task, a nested deal or over_images runs in that thread alone.
+    On CuPy (and with one thread) the tasks run one after another."""
+    global _pool
+    if xp is not np or THREADS <= 1 or len(tasks) <= 1 or getattr(_local, "busy", False):
+        return [fn(*task) for task in tasks]
+    parts = min(THREADS, len(tasks))
+    if _pool is None or _pool[0] < parts - 1:
+        backend.keep_freed_memory()     # else each worker's temporaries are page-faulted in anew
+        _pool = (THREADS - 1, ThreadPoolExecutor(THREADS - 1, thread_name_prefix="scratchproto"))
+    results, queue, lock, failed = [None] * len(tasks), iter(range(len(tasks))), threading.Lock(), []
+
+    def take(slot):
+        _local.slot, _local.busy = slot, True
+        try:
+            while not failed:
+                with lock:
+                    i = next(queue, None)
+                if i is None:
+                    return
+                results[i] = fn(*tasks[i])
+        except BaseException:
+            failed.append(True)         # the others stop after their current task
+            raise
+        finally:
+            _local.slot, _local.busy = 0, False
+    futures = [_pool[1].submit(take, slot) for slot in range(1, parts)]
+    try:
+        take(0)
+    finally:
+        wait(futures)                   # no worker may still write when the caller moves on
+    for f in futures:
+        f.result()                      # a worker's exception, raised here
+    return results
 
 
 def over_images(xp, n, per_image, fn):
@@ -112,29 +166,24 @@ def over_images(xp, n, per_image, fn):
     any first axis: Adam steps the flat parameter arrays with per_image = 1).
 
     A block holds about BLOCK_FLOATS / per_image images (per_image: floats per image of the
-    largest array fn touches). On NumPy the blocks are dealt out in THREADS contiguous runs, one
-    per thread; on CuPy (one launch per call is what counts there) fn(0, n) is the only call.
+    largest array fn touches); on NumPy the blocks are dealt out to the threads (``deal``); on
+    CuPy (one launch per call is what counts there) fn(0, n) is the only call.
     fn must write only to images n0..n1 of its outputs and may return a value (e.g. per-image
     partial sums) to be combined by the caller.
     """
-    global _pool
     if xp is not np:
         return [fn(0, n)]
     step = max(1, BLOCK_FLOATS // max(1, per_image))
-    blocks = [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
-    parts = min(THREADS, len(blocks))
-    if parts <= 1:
-        return [fn(n0, n1) for n0, n1 in blocks]
-    if _pool is None or _pool[0] < parts - 1:
-        backend.keep_freed_memory()     # else each worker's temporaries are page-faulted in anew
-        _pool = (THREADS - 1, ThreadPoolExecutor(THREADS - 1, thread_name_prefix="scratchproto"))
-    runs = [blocks[len(blocks) * i // parts:len(blocks) * (i + 1) // parts] for i in range(parts)]
-    walk = lambda run: [fn(n0, n1) for n0, n1 in run]       # noqa: E731
-    futures = [_pool[1].submit(walk, run) for run in runs[1:]]
-    results = walk(runs[0])
-    for f in futures:
-        results += f.result()
-    return results
+    return deal(xp, [(n0, min(n, n0 + step)) for n0 in range(0, n, step)], fn)
+
+
+def sum_in_order(xp, parts):
+    """parts[0] + parts[1] + ..., added left to right into parts[0] (fresh partial products):
+    the order a single thread would add them in, whoever computed them."""
+    total = parts[0]
+    for part in parts[1:]:
+        xp.add(total, part, out=total)
+    return total
 
 
 def per_image_sums(xp, parts):
@@ -217,15 +266,15 @@ class FastConv2d(Workspace, Conv2d):
         shape = (n * ho * wo, wmat.shape[1])
         y = self.workspace(name + "_out", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
         chunks = self._chunks(n, ho, wo, c)
-        rt_cols = None
-        for n0, n1 in chunks:
+
+        def chunk(n0, n1):              # one thread's task: an im2col chunk and its products
             cols = self._cols(xpad, n0, n1, ho, wo, stride, chunks[0][1])
             xp.matmul(cols, wmat, out=y[n0 * ho * wo:n1 * ho * wo])
             if rows_of is not None:     # while the chunk is still in the cache
-                rt = rows_of[n0:n1].reshape(-1, rows_of.shape[3]).T @ cols
-                rt_cols = rt if rt_cols is None else xp.add(rt_cols, rt, out=rt_cols)
+                return rows_of[n0:n1].reshape(-1, rows_of.shape[3]).T @ cols
+        parts = deal(xp, chunks, chunk)
         y = y.reshape(n, ho, wo, -1)
-        return (y, xpad) if rows_of is None else (y, xpad, rt_cols)
+        return (y, xpad) if rows_of is None else (y, xpad, sum_in_order(xp, parts))
 
     def forward(self, x, train=True):
         y = self.conv(x)
@@ -249,7 +298,9 @@ class FastConv2d(Workspace, Conv2d):
             cols, (n, ho, wo) = self.narrow_cols(x)
             shape = (n * ho * wo, self.c_out)
             y = self.workspace("y", shape, x.dtype) if reuse else self.xp.empty(shape, dtype=x.dtype)
-            self.xp.matmul(cols, wmat, out=y)
+            per = ho * wo               # rows per image; blocks of images shared among the threads
+            over_images(self.xp, n, per * self.c_out, lambda n0, n1: self.xp.matmul(
+                cols[n0 * per:n1 * per], wmat, out=y[n0 * per:n1 * per]))
             return y.reshape(n, ho, wo, self.c_out)
         y, xpad = self._correlate(x, wmat, self.padding, self.stride, "xpad", reuse)
         self.cache = ChunkedConvCache(x, xpad)
@@ -273,11 +324,16 @@ class FastConv2d(Workspace, Conv2d):
         if isinstance(self.cache, NarrowConvCache):      # the whole im2col matrix was kept
             cols, x_shape = self.cache
             dy = dout.reshape(-1, self.c_out)
-            self.grads["weight"] += (cols.T @ dy).reshape(k, k, x_shape[3], self.c_out).transpose(3, 2, 0, 1)
+            per = len(dy) // len(dout)          # rows per image
+            # in blocks of images (OpenBLAS runs on one thread; ours share the blocks)
+            dw = sum_in_order(xp, over_images(xp, len(dout), dout[0].size, lambda n0, n1: (
+                cols[n0 * per:n1 * per].T @ dy[n0 * per:n1 * per])))
+            self.grads["weight"] += dw.reshape(k, k, x_shape[3], self.c_out).transpose(3, 2, 0, 1)
             if not need_dx:
                 return None
-            dcols = self.workspace("dcols", cols.shape, dout.dtype)
-            xp.matmul(dy, self._wmat().T, out=dcols)
+            dcols, wmat_t = self.workspace("dcols", cols.shape, dout.dtype), self._wmat().T
+            over_images(xp, len(dout), dout[0].size, lambda n0, n1: xp.matmul(
+                dy[n0 * per:n1 * per], wmat_t, out=dcols[n0 * per:n1 * per]))
             return col2im(dcols, x_shape, k, s, p, xp)
         x, xpad = self.cache
         (n, h, w, c), (ho, wo) = x.shape, dout.shape[1:3]
@@ -294,27 +350,28 @@ class FastConv2d(Workspace, Conv2d):
             self.grads["weight"] += dw.transpose(3, 0, 1, 2)
             return dx
         dy = dout.reshape(-1, self.c_out)
-        dw = None
         chunks = self._chunks(n, ho, wo, c)
-        for n0, n1 in chunks:
-            part = self._cols(xpad, n0, n1, ho, wo, s, chunks[0][1]).T @ dy[n0 * ho * wo:n1 * ho * wo]
-            dw = part if dw is None else xp.add(dw, part, out=dw)
+        wmat = self._wmat() if need_dx else None
+        # dx of the chunk's images: gathered from its dcols in one kernel on the kernel path,
+        # else scattered into the padded images (col2im)
+        dx = (None if not need_dx else xp.empty((n, h, w, c), dtype=dout.dtype) if kernels.enabled(xp)
+              else xp.zeros(xpad.shape, dtype=dout.dtype))
+
+        def chunk(n0, n1):              # one thread's task: dW's part from the chunk's im2col, and its dx
+            dy_c = dy[n0 * ho * wo:n1 * ho * wo]
+            dw_part = self._cols(xpad, n0, n1, ho, wo, s, chunks[0][1]).T @ dy_c
+            if need_dx and kernels.enabled(xp):
+                kernels.col2im(xp, dy_c @ wmat.T, (n1 - n0, h, w, c), k, s, p, out=dx[n0:n1])
+            elif need_dx:
+                dc = (dy_c @ wmat.T).reshape(n1 - n0, ho, wo, k, k, c)
+                for i, j, win in windows(k, s, ho, wo):
+                    dx[(slice(n0, n1),) + win[1:]] += dc[:, :, :, i, j]
+            return dw_part
+        dw = sum_in_order(xp, deal(xp, chunks, chunk))
         self.grads["weight"] += dw.reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1)
-        if not need_dx:
-            return None
-        wmat = self._wmat()
-        if kernels.enabled(xp):     # each chunk's dx gathered from its dcols in one kernel
-            dx = xp.empty((n, h, w, c), dtype=dout.dtype)
-            for n0, n1 in chunks:
-                kernels.col2im(xp, dy[n0 * ho * wo:n1 * ho * wo] @ wmat.T, (n1 - n0, h, w, c), k, s, p, out=dx[n0:n1])
+        if not need_dx or kernels.enabled(xp):
             return dx
-        dxpad = xp.zeros(xpad.shape, dtype=dout.dtype)
-        for n0, n1 in self._chunks(n, ho, wo, c):
-            dcols = dy[n0 * ho * wo:n1 * ho * wo] @ wmat.T
-            dc = dcols.reshape(n1 - n0, ho, wo, k, k, c)
-            for i, j, win in windows(k, s, ho, wo):
-                dxpad[(slice(n0, n1),) + win[1:]] += dc[:, :, :, i, j]      # col2im
-        return xp.ascontiguousarray(dxpad[:, p:p + h, p:p + w]) if p else dxpad
+        return xp.ascontiguousarray(dx[:, p:p + h, p:p + w]) if p else dx
 
 
 class ConvBlock(Workspace, Sequential):
@@ -444,22 +501,22 @@ class ConvBlock(Workspace, Sequential):
 
     def _conv_and_pool_in_chunks(self, window_cols, wmat, scale, shift):
         """y' = cols @ wmat for the window-major rows (4, N, Ho, Wo, K) of _window_cols, a chunk
-        of images at a time (about 4 MB of y', pooled by all threads while it is still in the
-        cache) so that y' never exists whole; each chunk is pooled as _pool_block does, on the four
+        of images at a time (about 4 MB of y', pooled by the thread that made it while it is still
+        in the cache) so that y' never exists whole; each chunk is pooled as _pool_block does, on the four
         window positions' contiguous outputs. Returns (pooled, out, winner), (N, Ho, Wo, C)."""
         xp, (_, n, ho, wo, k), c = self.xp, window_cols.shape, wmat.shape[1]
         shape = (n, ho, wo, c)
         pooled, out, winner = xp.empty(shape, wmat.dtype), xp.empty(shape, wmat.dtype), xp.empty(shape, np.uint8)
         step = max(1, BLOCK_FLOATS // (ho * wo * c))
-        buf = self.workspace("y_chunk", (4, min(n, step) * ho * wo, c), wmat.dtype)
-        for c0 in range(0, n, step):
-            c1 = min(n, c0 + step)
+
+        def chunk(c0, c1):              # one thread's task: y' of a few images, pooled at once
+            buf = self.workspace(f"y_chunk{thread_slot()}", (4, min(n, step) * ho * wo, c), wmat.dtype)
             y = buf[:, :(c1 - c0) * ho * wo]
             for q in range(4):
                 xp.matmul(window_cols[q, c0:c1].reshape(-1, k), wmat, out=y[q])
-            y = y.reshape(4, c1 - c0, ho, wo, c)
-            over_images(xp, c1 - c0, 4 * ho * wo * c, lambda n0, n1: self._pool_block(
-                list(y[:, n0:n1]), pooled[c0 + n0:c0 + n1], out[c0 + n0:c0 + n1], winner[c0 + n0:c0 + n1], scale, shift))
+            self._pool_block(list(y.reshape(4, c1 - c0, ho, wo, c)), pooled[c0:c1], out[c0:c1], winner[c0:c1],
+                             scale, shift)
+        deal(xp, [(c0, min(n, c0 + step)) for c0 in range(0, n, step)], chunk)
         return pooled, out, winner
 
     def backward(self, dout, need_dx=True):
@@ -553,31 +610,29 @@ class ConvBlock(Workspace, Sequential):
         kk = cols.shape[-1]
         ho, wo = h // 2, w // 2
         dw = (gw * dy_per_y + colsum[:, None] * dy_const).astype(cols.dtype)     # (K, C_out)
-        # In chunks of images: all threads make a*dz where each window position wins (and gather
-        # that position's rows of cols, unless they are window-major), blocks of images each;
-        # then GEMMs sum the products.
+        # In chunks of images, each one thread's task: a*dz where each window position wins (and
+        # that position's rows of cols, gathered unless they are window-major), then GEMMs sum
+        # the products; the chunks' sums are added in order.
         limit = FastConv2d.CHUNK_FLOATS if xp is np else FastConv2d.GPU_CHUNK_FLOATS   # (a chunk is launches)
         step = max(1, limit // (4 * ho * wo * conv.c_out))
-        cols_q = None if window_cols is not None else self.workspace("cols_q", (4, min(n, step), ho, wo, kk), cols.dtype)
-        dz_q = self.workspace("dz_q", (4, min(n, step)) + a_dz.shape[1:], a_dz.dtype)
-        for s0 in range(0, n, step):
-            s1 = min(n, s0 + step)
 
-            def part(n0, n1, s0=s0):
-                b = slice(s0 + n0, s0 + n1)
-                hits = (self._first_winners(y[b], pooled[b]) if winner is None else
-                        (winner[b] == q for q in range(4)))
-                for q, hit in enumerate(hits):
-                    if cols_q is not None:
-                        i, j = divmod(q, 2)
-                        cols_q[q, n0:n1] = cols4[b, i:2 * ho:2, j:2 * wo:2]
-                    xp.multiply(a_dz[b], hit, out=dz_q[q, n0:n1])
-            over_images(xp, s1 - s0, h * w * conv.c_out, part)
-            if cols_q is None:
-                for q in range(4):
-                    dw += window_cols[q, s0:s1].reshape(-1, kk).T @ dz_q[q, :s1 - s0].reshape(-1, conv.c_out)
-            else:
-                dw += cols_q[:, :s1 - s0].reshape(-1, kk).T @ dz_q[:, :s1 - s0].reshape(-1, conv.c_out)
+        def chunk(s0, s1):
+            slot, b = thread_slot(), slice(s0, s1)
+            dz_q = self.workspace(f"dz_q{slot}", (4, min(n, step)) + a_dz.shape[1:], a_dz.dtype)[:, :s1 - s0]
+            hits = (self._first_winners(y[b], pooled[b]) if winner is None else
+                    (winner[b] == q for q in range(4)))
+            for q, hit in enumerate(hits):
+                xp.multiply(a_dz[b], hit, out=dz_q[q])
+            if window_cols is not None:
+                parts = [window_cols[q, b].reshape(-1, kk).T @ dz_q[q].reshape(-1, conv.c_out) for q in range(4)]
+                return sum_in_order(xp, parts)
+            cols_q = self.workspace(f"cols_q{slot}", (4, min(n, step), ho, wo, kk), cols.dtype)[:, :s1 - s0]
+            for q in range(4):
+                i, j = divmod(q, 2)
+                cols_q[q] = cols4[b, i:2 * ho:2, j:2 * wo:2]
+            return cols_q.reshape(-1, kk).T @ dz_q.reshape(-1, conv.c_out)
+        for part in deal(xp, [(s0, min(n, s0 + step)) for s0 in range(0, n, step)], chunk):
+            dw += part
         conv.grads["weight"] += dw.reshape(conv.k, conv.k, c, conv.c_out).transpose(3, 2, 0, 1)
         return None
 

@@ -249,6 +249,30 @@ def test_over_images_covers_every_image_once_in_order(monkeypatch):
     assert max(len(b) for b in seen) == 2
 
 
+def test_deal_shares_tasks_among_threads_keeps_their_order_and_raises_a_workers_error(monkeypatch):
+    import threading
+    monkeypatch.setattr(fast, "THREADS", 3)
+    other_started = threading.Event()
+
+    def task(i):
+        if i == 0:          # with threads, another task starts while this one waits
+            return other_started.wait(timeout=10)
+        other_started.set()
+        # a nested deal runs in this thread alone (its slot, no deadlock on the pool)
+        assert fast.deal(np, [(1,), (2,)], lambda j: fast.thread_slot()) == [fast.thread_slot()] * 2
+        return i * i
+    assert fast.deal(np, [(i,) for i in range(40)], task) == [True] + [i * i for i in range(1, 40)]
+
+    def bad(i):
+        if i == 7:
+            raise ValueError("task 7")
+        return i
+    with pytest.raises(ValueError, match="task 7"):
+        fast.deal(np, [(i,) for i in range(20)], bad)
+    assert fast.thread_slot() == 0
+    assert fast.deal(np, [(i,) for i in range(5)], lambda i: -i) == [0, -1, -2, -3, -4]   # still usable
+
+
 def test_thread_count_follows_the_environment(monkeypatch):
     for name in ("SCRATCHPROTO_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
@@ -265,12 +289,18 @@ def test_thread_count_follows_the_environment(monkeypatch):
     assert fast.cpu_threads() == 1
 
 
-def test_importing_scratchproto_first_sets_the_openblas_timeout():
-    """In a fresh process: set before NumPy loads, left alone when NumPy came first."""
+def test_importing_scratchproto_first_configures_openblas():
+    """In a fresh process: imported before NumPy, scratchproto puts OpenBLAS on one thread and its
+    own threads on every core (and sets the spinning timeout); imported after NumPy it leaves the
+    environment alone (and stays on one thread); a run pinned with OPENBLAS_NUM_THREADS=1 stays pinned."""
     import subprocess
     import sys
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    code = "import os{}; import scratchproto; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
-    first = subprocess.run([sys.executable, "-c", code.format("")], env=env, capture_output=True, text=True)
-    after = subprocess.run([sys.executable, "-c", code.format(", numpy")], env=env, capture_output=True, text=True)
-    assert (first.stdout.strip(), after.stdout.strip()) == ("4", "None")
+    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "SCRATCHPROTO_THREADS", "OPENBLAS_THREAD_TIMEOUT")
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    code = ("import os{}; import scratchproto; from scratchproto import fast; "
+            "print(os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('OPENBLAS_THREAD_TIMEOUT'), fast.THREADS)")
+    run = lambda first, **extra: subprocess.run(      # noqa: E731
+        [sys.executable, "-c", code.format(first)], env={**env, **extra}, capture_output=True, text=True).stdout.split()
+    assert run("") == ["1", "4", str(len(os.sched_getaffinity(0)))]
+    assert run(", numpy") == ["None", "None", "1"]
+    assert run("", OPENBLAS_NUM_THREADS="1") == ["1", "4", "1"]
