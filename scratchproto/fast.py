@@ -161,6 +161,11 @@ def deal(xp, tasks, fn):
     return results
 
 
+def spans(n, step):
+    """Consecutive (start, stop) spans of at most ``step`` covering 0..n: blocks and chunks of images."""
+    return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
+
+
 def over_images(xp, n, per_image, fn):
     """[fn(n0, n1) for consecutive blocks of images n0..n1 covering 0..n], in order (images, or
     any first axis: Adam steps the flat parameter arrays with per_image = 1).
@@ -174,7 +179,7 @@ def over_images(xp, n, per_image, fn):
     if xp is not np:
         return [fn(0, n)]
     step = max(1, BLOCK_FLOATS // max(1, per_image))
-    return deal(xp, [(n0, min(n, n0 + step)) for n0 in range(0, n, step)], fn)
+    return deal(xp, spans(n, step), fn)
 
 
 def sum_in_order(xp, parts):
@@ -243,7 +248,7 @@ class FastConv2d(Workspace, Conv2d):
             step = max(1, self.CHUNK_FLOATS // per_image, -(-self.CHUNK_MIN_ROWS // (ho * wo)))
         else:
             step = max(1, self.GPU_CHUNK_FLOATS // per_image)
-        return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
+        return spans(n, step)
 
     def _cols(self, xpad, n0, n1, ho, wo, stride, step):
         """im2col rows of padded images n0..n1, in a buffer reused by every chunk of ``step`` images."""
@@ -354,13 +359,14 @@ class FastConv2d(Workspace, Conv2d):
         wmat = self._wmat() if need_dx else None
         # dx of the chunk's images: gathered from its dcols in one kernel on the kernel path,
         # else scattered into the padded images (col2im)
-        dx = (None if not need_dx else xp.empty((n, h, w, c), dtype=dout.dtype) if kernels.enabled(xp)
+        gather = need_dx and kernels.enabled(xp)
+        dx = (None if not need_dx else xp.empty((n, h, w, c), dtype=dout.dtype) if gather
               else xp.zeros(xpad.shape, dtype=dout.dtype))
 
         def chunk(n0, n1):              # one thread's task: dW's part from the chunk's im2col, and its dx
             dy_c = dy[n0 * ho * wo:n1 * ho * wo]
             dw_part = self._cols(xpad, n0, n1, ho, wo, s, chunks[0][1]).T @ dy_c
-            if need_dx and kernels.enabled(xp):
+            if gather:
                 kernels.col2im(xp, dy_c @ wmat.T, (n1 - n0, h, w, c), k, s, p, out=dx[n0:n1])
             elif need_dx:
                 dc = (dy_c @ wmat.T).reshape(n1 - n0, ho, wo, k, k, c)
@@ -369,7 +375,7 @@ class FastConv2d(Workspace, Conv2d):
             return dw_part
         dw = sum_in_order(xp, deal(xp, chunks, chunk))
         self.grads["weight"] += dw.reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1)
-        if not need_dx or kernels.enabled(xp):
+        if not need_dx or gather:
             return dx
         return xp.ascontiguousarray(dx[:, p:p + h, p:p + w]) if p else dx
 
@@ -516,7 +522,7 @@ class ConvBlock(Workspace, Sequential):
                 xp.matmul(window_cols[q, c0:c1].reshape(-1, k), wmat, out=y[q])
             self._pool_block(list(y.reshape(4, c1 - c0, ho, wo, c)), pooled[c0:c1], out[c0:c1], winner[c0:c1],
                              scale, shift)
-        deal(xp, [(c0, min(n, c0 + step)) for c0 in range(0, n, step)], chunk)
+        deal(xp, spans(n, step), chunk)
         return pooled, out, winner
 
     def backward(self, dout, need_dx=True):
@@ -631,7 +637,7 @@ class ConvBlock(Workspace, Sequential):
                 i, j = divmod(q, 2)
                 cols_q[q] = cols4[b, i:2 * ho:2, j:2 * wo:2]
             return cols_q.reshape(-1, kk).T @ dz_q.reshape(-1, conv.c_out)
-        for part in deal(xp, [(s0, min(n, s0 + step)) for s0 in range(0, n, step)], chunk):
+        for part in deal(xp, spans(n, step), chunk):
             dw += part
         conv.grads["weight"] += dw.reshape(conv.k, conv.k, c, conv.c_out).transpose(3, 2, 0, 1)
         return None
