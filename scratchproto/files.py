@@ -127,8 +127,21 @@ def atomic_write(path, content, hint=None):
             pass
         if isinstance(e, OSError):
             raise fs_error(e, path, "write", hint) from None
+        if not isinstance(e, KeyboardInterrupt) and _interrupted(e):
+            # Ctrl-C or SIGTERM arrived inside the writer, whose cleanup then failed on the
+            # half-written file (np.savez's zip: "Can't close the ZIP file ..."): an interruption
+            raise KeyboardInterrupt from e
         raise
     _sync_folder(path.parent)
+
+
+def _interrupted(e):
+    """Whether a KeyboardInterrupt is among the exceptions that ``e`` was raised while handling."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__context__
+    return False
 
 
 def append_line(path, line, hint=None):

@@ -343,3 +343,22 @@ def test_atomic_write_keeps_the_old_file_whatever_stops_it(tmp_path):
     trace.write_text('{"epoch": 1}')
     files.append_line(trace, '{"epoch": 2}')
     assert trace.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+def test_an_interruption_inside_a_writer_whose_cleanup_fails_is_still_an_interruption(tmp_path):
+    """SIGTERM inside np.savez: its zip's cleanup then raises ValueError over the KeyboardInterrupt;
+    atomic_write still reports the interruption (run.py exits 130) and keeps the old file."""
+    path = tmp_path / "last.npz"
+    path.write_bytes(b"old checkpoint")
+
+    def interrupted_savez(f):
+        try:
+            f.write(b"half of a zip")
+            raise KeyboardInterrupt
+        finally:
+            raise ValueError("Can't close the ZIP file while there is an open writing handle on it.")
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write(path, interrupted_savez)
+    assert path.read_bytes() == b"old checkpoint" and not list(tmp_path.glob("*.part"))
+    with pytest.raises(ValueError):      # a writer's own error, without an interruption, stays itself
+        files.atomic_write(path, lambda f: int("x"))
