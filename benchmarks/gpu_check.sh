@@ -6,7 +6,8 @@
 #      comparisons below run with SCRATCHPROTO_KERNELS=1 (and the ConvNet once without, INFO line);
 #   4. scratchproto (CuPy) against PyTorch (cuDNN), alternating: ConvNet FP32 against PyTorch's
 #      default, ResNet-18 TF32 against PyTorch's default, ResNet-18 FP32 against PyTorch in FP32
-#      (NVIDIA_TF32_OVERRIDE=0); 60-way 5-shot 5-query; PyTorch's peak GPU memory;
+#      (NVIDIA_TF32_OVERRIDE=0); 60-way 5-shot 5-query; episodes in a row, each read at once
+#      against read one late (the trainer's way); PyTorch's peak GPU memory;
 #   5. one short training epoch of the ConvNet in FP32 and in TF32 (finite, falling loss);
 #   6. with the time left and TRAIN_EPOCHS > 0: ResNet-18 with the paper's protocol (the ResNet issue).
 # The log ends with the RESULT lines the GPU issue asks for.
@@ -78,6 +79,12 @@ fi
 compare --backbone convnet; result convnet fp32 torch-default
 compare --backbone resnet18 --tf32; result resnet18 tf32 torch-default
 compare --backbone resnet18 --torch-fp32; result resnet18 fp32 torch-fp32
+
+step "episodes in a row: each read at once against read one late, as the trainer does (issue 13, step 5)"
+for bb in convnet resnet18; do
+  timeout 90 $PY benchmarks/episode.py --backbone $bb --device gpu --way 60 --shot 5 --query 5 \
+    --episodes 10 --no-layers --in-a-row
+done
 
 step "PyTorch's peak GPU memory for the same episodes (scratchproto's is in episode.py's lines above)"
 timeout 60 $PY - "$REF" <<'EOF'

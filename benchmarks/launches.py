@@ -157,19 +157,21 @@ class StandInKernels(kernels.NumpyStandIn):
 def count_episode(backbone, way, shot, query, use_kernels, warm_up=True):
     """The Counter of one training episode's operations, after a warm-up episode (``warm_up``;
     without it, the first episode's, which also makes the workspaces and Adam's state: an upper
-    bound, at half the time). The library's hooks it patches (backend.xp_of and to_host,
-    kernels.enabled and _kernel) are restored after."""
+    bound, at half the time). The library's hooks it patches (backend.xp_of, to_host and
+    to_host_later, kernels.enabled and _kernel) are restored after."""
     xp = counting_module()
-    saved = (sp.backend.xp_of, sp.backend.to_host, kernels.enabled, kernels._kernel)
-    real_xp_of, real_to_host = saved[:2]
+    saved = (sp.backend.xp_of, sp.backend.to_host, sp.backend.to_host_later, kernels.enabled, kernels._kernel)
+    real_xp_of, real_to_host, real_to_host_later = saved[:3]
 
-    def to_host(a):                # a copy from the GPU: one operation
-        if isinstance(a, Counted) and _active[0]:
-            COUNTS["copy to host"] += 1
-        return real_to_host(_unwrap(a))
+    def copy(real):                # a copy from the GPU: one operation
+        def counted(a):
+            if isinstance(a, Counted) and _active[0]:
+                COUNTS["copy to host"] += 1
+            return real(_unwrap(a))
+        return counted
     # the code that finds its array module from an array (the loss, the NC metrics) finds this one
     sp.backend.xp_of = lambda a: xp if isinstance(a, Counted) else real_xp_of(a)
-    sp.backend.to_host = to_host
+    sp.backend.to_host, sp.backend.to_host_later = copy(real_to_host), copy(real_to_host_later)
     if use_kernels:
         kernels.enabled = lambda x: x is xp
         kernels._kernel = StandInKernels
@@ -184,7 +186,8 @@ def count_episode(backbone, way, shot, query, use_kernels, warm_up=True):
             model.episode(xs, xq, train=True)
             opt.step()
     finally:
-        sp.backend.xp_of, sp.backend.to_host, kernels.enabled, kernels._kernel = saved
+        (sp.backend.xp_of, sp.backend.to_host, sp.backend.to_host_later, kernels.enabled,
+         kernels._kernel) = saved
     return collections.Counter(COUNTS)
 
 

@@ -26,7 +26,8 @@ def protonet_loss(z, way, shot, query, need_grad=True):
     """Loss, accuracy and dloss/dz of one episode from its embeddings.
 
     z: (N*Ks + N*Kq, d), support rows first then query, class-major (the order the backbone saw).
-    Returns (loss: float, acc: float, dz: same shape as z or None).
+    Returns (loss, acc, dz): loss and acc are scalars on z's device (float(loss) reads one, and
+    on a GPU waits for it), dz has z's shape, or is None without ``need_grad``.
     """
     xp = backend.xp_of(z)
     n_s, q = way * shot, way * query
@@ -43,14 +44,14 @@ def protonet_loss(z, way, shot, query, need_grad=True):
     loss = -xp.diagonal(logp.reshape(way, query, way), axis1=0, axis2=2).sum() / q
     acc = (logp.argmax(axis=1).reshape(way, query) == xp.arange(way)[:, None]).mean()
     if not need_grad:
-        return float(loss), float(acc), None
+        return loss, acc, None
     # 2G = 2(Y - P)/Q, P = e / total, Y one-hot: identity rows broadcast over the Kq queries
     g2 = (xp.eye(way, dtype=z.dtype)[:, None, :] - (e / total).reshape(way, query, way)) * (2.0 / q)
     t = g2.reshape(q, way)[:, :, None] * diff                 # 2 G_in (z_i - c_n), (Q, N, d)
     dzq = t.sum(axis=1)                                       # (Q, d)
     dzs = t.sum(axis=0) * (-1.0 / shot)                       # dloss/dc_n / Ks, (N, d)
     dzs = xp.broadcast_to(dzs[:, None, :], zs.shape).reshape(n_s, -1)    # each support row of its class
-    return float(loss), float(acc), xp.concatenate([dzs, dzq]).astype(z.dtype, copy=False)
+    return loss, acc, xp.concatenate([dzs, dzq]).astype(z.dtype, copy=False)
 
 
 class ProtoNet:
@@ -79,11 +80,23 @@ class ProtoNet:
         BatchNorm runs in training mode when ``train`` and in evaluation mode otherwise. Returns
         loss, acc, embeddings (on the device; support rows first, class-major, then query) and every
         collapse metric for the support and the query features ('nc1_support', 'nc1_query', ...).
+        """
+        return self.start_episode(xs, xq, train)()
 
-        The order is for a GPU, which runs what it is given while Python goes on: the NC metrics'
-        summaries are queued right after the forward pass, so that reading the loss (which waits
-        for the GPU) finds them made too; their one copy to the host then waits for nothing, and
-        the host finishes the metrics while the GPU runs the backward pass.
+    def start_episode(self, xs, xq, train=True):
+        """Give one episode's work to the device; returns finish(), which returns what episode()
+        returns.
+
+        A GPU runs what it is given while Python goes on, and waits only when Python reads a
+        number. So the numbers the host needs, loss, accuracy and the NC metrics' summaries, are
+        packed into one small array right after the forward pass and their copy to the host is
+        started; the backward pass is queued behind it without waiting; finish() waits for the
+        copy (long done, if other work was queued meanwhile) and finishes the metrics on the host.
+        The trainer starts episode i+1 before it finishes episode i, so the GPU never idles while
+        Python reads a loss. The price: the backward pass no longer waits to see the loss, so a
+        non-finite loss is found by finish(), after its gradients were made (the trainer then
+        stops and saves nothing of them). The embeddings in finish()'s result are the backbone's
+        output buffer, which a later episode may overwrite: read them before starting another.
         """
         way, shot, query = xs.shape[0], xs.shape[1], xq.shape[1]
         if xq.shape[0] != way:
@@ -92,23 +105,30 @@ class ProtoNet:
         x = backend.xp_of(xs).concatenate([xs.reshape(way * shot, *xs.shape[2:]),
                                            xq.reshape(way * query, *xq.shape[2:])])
         z = self.net.forward(x, train=train)
+        xp = backend.xp_of(z)
         n_s = way * shot
         if shot == query:       # support and query as one stack (2, N, K, d): a view of z
             stacks = [z.reshape(2, way, shot, -1)]
         else:
             stacks = [z[:n_s].reshape(1, way, shot, -1), z[n_s:].reshape(1, way, query, -1)]
-        summaries = [collapse_summaries(h) for h in stacks]
         loss, acc, dz = protonet_loss(z, way, shot, query, need_grad=train)
-        res = {"loss": loss, "acc": acc, "embeddings": z}
-        # a finite loss means finite embeddings (an inf or nan one would reach some query's loss)
-        if not np.isfinite(loss):
-            res.update({f"{m}_{part}": float("nan") for m in METRICS for part in ("support", "query")})
-            return res
-        rows = [row for s in summaries for row in backend.to_host(s)]    # support's, then query's
+        # [support's summary row, query's, loss, acc] in float64: the episode's one copy to the host
+        numbers = xp.concatenate(
+            [collapse_summaries(h).reshape(-1) for h in stacks] + [loss.reshape(1), acc.reshape(1)])
+        read = backend.to_host_later(numbers)
         if train:
             self.net.zero_grad()
             self.net.backward(dz, need_dx=False)
-        for part, row, k in zip(("support", "query"), rows, (shot, query)):
-            metrics = metrics_from_summaries(row, way, k, z.shape[1])
-            res.update({f"{name}_{part}": value for name, value in metrics.items()})
-        return res
+
+        def finish():
+            host = read()
+            res = {"loss": float(host[-2]), "acc": float(host[-1]), "embeddings": z}
+            # a finite loss means finite embeddings (an inf or nan one would reach some query's loss)
+            if not np.isfinite(res["loss"]):
+                res.update({f"{m}_{part}": float("nan") for m in METRICS for part in ("support", "query")})
+                return res
+            for part, row, k in zip(("support", "query"), host[:-2].reshape(2, -1), (shot, query)):
+                metrics = metrics_from_summaries(row, way, k, z.shape[1])
+                res.update({f"{name}_{part}": value for name, value in metrics.items()})
+            return res
+        return finish

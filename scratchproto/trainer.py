@@ -92,21 +92,46 @@ def mean_or_none(values):
     return None if any(v is None for v in values) else sum(values) / len(values)
 
 
+def finished_episodes(model, eps, train, opt=None, where=""):
+    """Run the episodes ``eps`` (pairs xs, xq), each followed by ``opt.step()`` when ``train``;
+    yields (i, result of episode i) for i = 1, 2, ...
+
+    Each is yielded one episode late: episode i's numbers are read after episode i+1 has been
+    given to the device (ProtoNet.start_episode), so a GPU always has work queued while Python
+    reads them, samples the next images and copies them over. The results are the same as without
+    the lag; a non-finite loss raises Diverged naming its episode, one episode's work later.
+    """
+    late = None
+    for i, (xs, xq) in enumerate(eps, start=1):
+        finish = model.start_episode(xs, xq, train=train)
+        if train:
+            opt.step()
+        if late is not None:
+            yield _checked(*late, where)
+        late = i, finish
+    if late is not None:
+        yield _checked(*late, where)
+
+
+def _checked(i, finish, where):
+    res = finish()
+    if not math.isfinite(res["loss"]):
+        raise Diverged(f"the loss became {res['loss']} in {where}, episode {i}")
+    return i, res
+
+
 def run_episodes(model, eps, n, train, opt=None, desc="", progress=True, where=""):
     """Run ``n`` episodes; returns the mean of loss, acc and every metric over them."""
     from tqdm import tqdm
     values = {k: [] for k in metric_keys()}
-    bar = tqdm(eps, total=n, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for i, (xs, xq) in enumerate(bar, start=1):
-        res = model.episode(xs, xq, train=train)
-        if not math.isfinite(res["loss"]):
-            raise Diverged(f"the loss became {res['loss']} in {where}, episode {i}")
-        if train:
-            opt.step()
-        for k in values:
-            values[k].append(res[k])
-        bar.set_postfix(loss=f"{sum(values['loss']) / i:.3f}", acc=f"{sum(values['acc']) / i:.3f}",
-                        refresh=False)
+    bar = tqdm(total=n, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    with bar:
+        for i, res in finished_episodes(model, eps, train, opt, where):
+            for k in values:
+                values[k].append(res[k])
+            bar.set_postfix(loss=f"{sum(values['loss']) / i:.3f}", acc=f"{sum(values['acc']) / i:.3f}",
+                            refresh=False)
+            bar.update()
     return {k: mean_or_none(v) for k, v in values.items()}
 
 
@@ -360,9 +385,10 @@ def evaluate(ckpt, settings, split="test", query=15, n=1000, seed=0, device="aut
     results = []
     for way, shot in settings:
         values = {k: [] for k in metric_keys()}
-        for xs, xq in tqdm(episodes(ds, split, way, shot, query, n, seed=[seed, way, shot], device=xp),
-                           total=n, desc=f"{way}-way {shot}-shot", disable=not progress, leave=False):
-            res = model.episode(xs, xq, train=False)
+        name = f"{way}-way {shot}-shot"
+        eps = episodes(ds, split, way, shot, query, n, seed=[seed, way, shot], device=xp)
+        for _, res in tqdm(finished_episodes(model, eps, train=False, where=f"the evaluation ({name})"),
+                           total=n, desc=name, disable=not progress, leave=False):
             for k in values:
                 values[k].append(res[k])
         mean = {k: mean_or_none(v) for k, v in values.items()}

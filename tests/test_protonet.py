@@ -77,3 +77,15 @@ def test_episode_rejects_mismatched_classes():
     model = sp.ProtoNet(sp.build_backbone("convnet", width=2))
     with pytest.raises(ValueError, match="support has 3 classes but query has 2"):
         model.episode(np.zeros((3, 1, 1, 28, 28)), np.zeros((2, 1, 1, 28, 28)))
+
+
+def test_to_host_later_reads_the_array_as_it_was(xp):
+    """The copy behind ProtoNet.start_episode's one read per episode: what read() returns is the
+    array when the copy started, whatever is written to it afterwards (on a GPU the copy is queued
+    before the writes; on NumPy it is made at once)."""
+    a = xp.arange(7, dtype=np.float64) / 3
+    read = sp.backend.to_host_later(a)
+    a[:] = -1
+    got = read()
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_array_equal(got, np.arange(7) / 3)

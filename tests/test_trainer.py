@@ -45,17 +45,17 @@ def test_interrupted_and_resumed_run_gives_the_same_trace(omniglot, tmp_path, mo
     straight = trainer.train(tiny(omniglot, epochs=3), out=tmp_path / "a", progress=False, log=lambda *a: None)
 
     calls = {"n": 0}
-    real = ProtoNet.episode
+    real = ProtoNet.start_episode
 
     def interrupt_in_epoch_3(self, xs, xq, train=True):
         calls["n"] += 1
         if calls["n"] == 2 * 5 + 2:     # epochs have 3 + 2 episodes: this is epoch 3's second
             raise KeyboardInterrupt
         return real(self, xs, xq, train)
-    monkeypatch.setattr(ProtoNet, "episode", interrupt_in_epoch_3)
+    monkeypatch.setattr(ProtoNet, "start_episode", interrupt_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(tiny(omniglot, epochs=3), out=tmp_path / "b", progress=False, log=lambda *a: None)
-    monkeypatch.setattr(ProtoNet, "episode", real)
+    monkeypatch.setattr(ProtoNet, "start_episode", real)
     assert checkpoint.load(tmp_path / "b" / "last.npz")[0]["epoch"] == 2
     trainer.train(resume=tmp_path / "b", progress=False, log=lambda *a: None)
     assert trace_without_seconds(tmp_path / "b") == trace_without_seconds(straight)
@@ -79,20 +79,64 @@ def test_a_run_folder_is_never_overwritten(omniglot, tmp_path):
 
 
 def test_divergence_stops_with_a_clear_message(omniglot, tmp_path, monkeypatch):
-    real = ProtoNet.episode
+    real = ProtoNet.start_episode
     calls = {"n": 0}
 
     def nan_in_epoch_2(self, xs, xq, train=True):
         calls["n"] += 1
-        res = real(self, xs, xq, train)
-        if calls["n"] == 5 + 2:         # epoch 2, training episode 2
-            res["loss"] = float("nan")
-        return res
-    monkeypatch.setattr(ProtoNet, "episode", nan_in_epoch_2)
+        finish = real(self, xs, xq, train)
+        if calls["n"] == 5 + 2:         # epoch 2, training episode 2 (found while episode 3 runs)
+            return lambda: {**finish(), "loss": float("nan")}
+        return finish
+    monkeypatch.setattr(ProtoNet, "start_episode", nan_in_epoch_2)
     with pytest.raises(trainer.Diverged, match=r"the loss became nan in epoch 2 \(training\), episode 2; "
                                                r"stopped. The last good checkpoint is .*last.npz \(epoch 1\)"):
         trainer.train(tiny(omniglot, epochs=3), out=tmp_path / "d", progress=False, log=lambda *a: None)
     assert checkpoint.load(tmp_path / "d" / "last.npz")[0]["epoch"] == 1
+
+
+def test_episodes_are_read_one_late():
+    """finished_episodes gives episode i+1 to the device (and steps Adam) before it reads episode
+    i, so that a GPU always has work while Python reads numbers (issue 13, step 5)."""
+    events = []
+
+    class Spy:          # a model and its optimiser, logging what they are asked to do
+        def start_episode(self, xs, xq, train):
+            events.append(f"start {xs}")
+            return lambda: events.append(f"read {xs}") or {"loss": xs / 2}
+
+        def step(self):
+            events.append("step")
+    spy = Spy()
+    got = list(trainer.finished_episodes(spy, [(1, None), (2, None), (3, None)], True, spy))
+    assert events == ["start 1", "step", "start 2", "step", "read 1", "start 3", "step", "read 2",
+                      "read 3"]
+    assert got == [(1, {"loss": 0.5}), (2, {"loss": 1.0}), (3, {"loss": 1.5})]
+    assert list(trainer.finished_episodes(spy, [], True, spy)) == []
+
+
+def test_reading_late_changes_no_result():
+    """Training with the lag gives bit for bit the results and weights of reading each episode
+    before starting the next."""
+    rng = np.random.default_rng(3)
+    eps = [((rng.random((4, 2, 1, 28, 28)) < 0.2).astype(np.float32),
+            (rng.random((4, 3, 1, 28, 28)) < 0.2).astype(np.float32)) for _ in range(3)]
+    runs = []
+    for late in (False, True):
+        net = sp.build_backbone("convnet", seed=0, width=8)
+        model, opt = ProtoNet(net), sp.Adam(net, lr=1e-2)
+        if late:
+            results = [res for _, res in trainer.finished_episodes(model, eps, True, opt)]
+        else:
+            results = []
+            for xs, xq in eps:
+                results.append(model.episode(xs, xq, train=True))
+                opt.step()
+        runs.append(([{k: r[k] for k in trainer.metric_keys()} for r in results], net.state_dict()))
+    (plain, plain_weights), (late, late_weights) = runs
+    assert plain == late and plain[0]["loss"] != plain[2]["loss"]
+    for name in plain_weights:
+        np.testing.assert_array_equal(plain_weights[name], late_weights[name])
 
 
 def test_early_stopping_and_trainval(omniglot, tmp_path):
@@ -128,6 +172,18 @@ def test_evaluate_errors(omniglot, tmp_path):
     (tmp_path / "text.npz").write_text("hello")
     with pytest.raises(sp.UserError, match="is damaged or not a scratchproto checkpoint"):
         trainer.evaluate(tmp_path / "text.npz", [(5, 5)], data=str(omniglot.root), progress=False)
+
+
+def test_evaluate_stops_at_a_non_finite_loss(omniglot, tmp_path):
+    run = trainer.train(tiny(omniglot, epochs=1), out=tmp_path / "n", progress=False, log=lambda *a: None)
+    meta, state, _ = checkpoint.load(run / "best.npz")
+    net = sp.build_backbone("convnet", width=8)
+    net.load_state_dict({**state, "encoder.0.0.weight": np.full_like(state["encoder.0.0.weight"], np.nan)})
+    checkpoint.save(tmp_path / "nan.npz", net, epoch=meta["epoch"])
+    with pytest.raises(trainer.Diverged, match=r"the loss became nan in the evaluation \(5-way 5-shot\), "
+                                               r"episode 1$"):
+        trainer.evaluate(tmp_path / "nan.npz", [(5, 5)], query=3, n=2, device="cpu",
+                         data=str(omniglot.root), progress=False)
 
 
 def test_plot_needs_a_trace(tmp_path):
