@@ -89,3 +89,26 @@ def test_to_host_later_reads_the_array_as_it_was(xp):
     got = read()
     assert isinstance(got, np.ndarray)
     np.testing.assert_array_equal(got, np.arange(7) / 3)
+
+
+@pytest.mark.parametrize("shot,query", [(2, 2), (2, 3)])
+def test_episode_on_the_device_gives_the_host_numbers(xp, shot, query):
+    """An episode's loss, accuracy and NC metrics come back from the device in one copy, started
+    before the backward pass (ProtoNet.start_episode): on CuPy they and the gradients must be
+    NumPy's, for support and query stacked (shot = query) or not. float64, so to rounding."""
+    if xp is np:
+        pytest.skip("NumPy against itself: this test is for the GPU path")
+    rng = np.random.default_rng(4)
+    xs, xq = rng.random((3, shot, 1, 28, 28)), rng.random((3, query, 1, 28, 28))
+    got = []
+    for m in (np, xp):
+        net = sp.build_backbone("convnet", width=4, seed=0, dtype=np.float64, xp=m)
+        res = sp.ProtoNet(net).episode(m.asarray(xs), m.asarray(xq), train=True)
+        got.append(({k: v for k, v in res.items() if k != "embeddings"},
+                    {k: sp.backend.to_host(g) for k, g in net.grads().items()}))
+    (host, host_grads), (device, device_grads) = got
+    assert host.keys() == device.keys() and all(isinstance(v, float) for v in device.values())
+    for k in host:
+        assert device[k] == pytest.approx(host[k], rel=1e-10, abs=1e-12), k
+    for k in host_grads:
+        np.testing.assert_allclose(device_grads[k], host_grads[k], rtol=1e-9, atol=1e-12, err_msg=k)
