@@ -299,10 +299,15 @@ def _train(cfg, run_dir, resume, progress, log):
         if not trace_path.exists() or kept != files.read_text(trace_path, "trace"):
             files.atomic_write(trace_path, kept, "fix that, then resume again")
         log(f"resuming {run_dir} after epoch {epoch}")
-    files.atomic_write(run_dir / "config.json", json.dumps({
-        "config": dataclasses.asdict(cfg), "device": backend.device_name(xp),
-        "versions": _versions(xp), "parameters": net.num_parameters(),
-        "started": datetime.datetime.now().isoformat(timespec="seconds")}, indent=2) + "\n")
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    run = {"config": dataclasses.asdict(cfg), "device": backend.device_name(xp),
+           "versions": _versions(xp), "parameters": net.num_parameters(), "started": now}
+    if resume:      # the first start stays; each resume adds when, where and after which epoch
+        saved = files.read_json(run_dir / "config.json", "run settings")
+        run["started"] = saved.get("started", now)
+        run["resumed"] = saved.get("resumed", []) + [
+            {"at": now, "after_epoch": epoch, "device": run["device"], "versions": run["versions"]}]
+    files.atomic_write(run_dir / "config.json", json.dumps(run, indent=2) + "\n")
 
     validate = cfg.splits[1] is not None
     log(f"{cfg.backbone} ({net.num_parameters():,} parameters) on {backend.device_name(xp)}; "

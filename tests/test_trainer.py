@@ -57,7 +57,15 @@ def test_interrupted_and_resumed_run_gives_the_same_trace(omniglot, tmp_path, mo
         trainer.train(tiny(omniglot, epochs=3), out=tmp_path / "b", progress=False, log=lambda *a: None)
     monkeypatch.setattr(ProtoNet, "start_episode", real)
     assert checkpoint.load(tmp_path / "b" / "last.npz")[0]["epoch"] == 2
+    first = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert "resumed" not in first
     trainer.train(resume=tmp_path / "b", progress=False, log=lambda *a: None)
+    # config.json keeps the first start and records the resume
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["started"] == first["started"] and config["config"] == first["config"]
+    [resumed] = config["resumed"]
+    assert resumed["after_epoch"] == 2 and resumed["device"] == "cpu" and resumed["at"] >= first["started"]
+    assert resumed["versions"] == first["versions"]
     assert trace_without_seconds(tmp_path / "b") == trace_without_seconds(straight)
     # and continuing a finished run further, with a larger epoch limit
     trainer.train(resume=tmp_path / "b", overrides={"epochs": 4}, progress=False, log=lambda *a: None)
