@@ -37,6 +37,29 @@ def fake_episode(xp, way, shot, query, seed=0):
     return xp.asarray(xs), xp.asarray(xq)
 
 
+def in_a_row(model, opt, xs, xq, n, xp, repeats=3):
+    """The trainer's loop timed: ``n`` training episodes back to back with one wait at the end,
+    each episode's numbers read at once, and read one episode late (trainer.finished_episodes),
+    alternating; returns [(how, median seconds per episode)] for the two."""
+    def at_once():
+        for _ in range(n):
+            model.episode(xs, xq, train=True)
+            opt.step()
+
+    def one_late():
+        for _ in sp.trainer.finished_episodes(model, [(xs, xq)] * n, True, opt):
+            pass
+    times = {"read at once": [], "read one late (the trainer's way)": []}
+    for _ in range(repeats):
+        for (how, seconds), loop in zip(times.items(), (at_once, one_late)):
+            backend.synchronize(xp)
+            t = time.perf_counter()
+            loop()
+            backend.synchronize(xp)
+            seconds.append((time.perf_counter() - t) / n)
+    return [(how, statistics.median(v)) for how, v in times.items()]
+
+
 def instrument(net, xp, totals, by_layer=False):
     """Wrap each layer's forward/backward to add its wall time into totals[(kind, direction)]
     (``by_layer``: one entry per layer, its kind followed by its name, e.g. 'ConvBlock encoder.0').
@@ -127,24 +150,10 @@ def main():
     print(f"scratchproto {a.backbone}{label} {backend.device_name(xp)} {a.way}w{a.shot}s{a.query}q "
           f"numpy {np.__version__} python {platform.python_version()}: "
           f"sec/episode={med:.4f} (min {min(times):.4f}, {len(times)} runs) images/s={n_img / med:.0f} {mem}")
-    # the trainer's loop: episodes back to back, each one's numbers read after the next is queued
-    in_a_row = {"read at once": [], "read one late (the trainer's way)": []}
-    for _ in range(3 if a.in_a_row else 0):
-        for how, seconds in in_a_row.items():
-            backend.synchronize(xp)
-            t = time.perf_counter()
-            if how == "read at once":
-                for _ in range(a.episodes):
-                    model.episode(xs, xq, train=True)
-                    opt.step()
-            else:
-                for _ in sp.trainer.finished_episodes(model, [(xs, xq)] * a.episodes, True, opt):
-                    pass
-            backend.synchronize(xp)
-            seconds.append((time.perf_counter() - t) / a.episodes)
     if a.in_a_row:
-        print(f"{a.episodes} episodes in a row, median of 3: " + ", ".join(
-            f"{how} {statistics.median(v):.4f} s/episode" for how, v in in_a_row.items()))
+        timed = in_a_row(model, opt, xs, xq, a.episodes, xp)
+        print(f"{a.episodes} episodes in a row, median of 3: "
+              + ", ".join(f"{how} {seconds:.4f} s/episode" for how, seconds in timed))
     if a.no_layers:
         return
 
