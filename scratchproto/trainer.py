@@ -250,7 +250,7 @@ def train(cfg=None, out=None, resume=None, overrides=None, progress=True, log=pr
             except (KeyError, TypeError):
                 raise UserError(f"{run_dir / 'config.json'} does not hold the settings of a run "
                                 f"written by this version of run.py") from None
-            return _train(cfg, run_dir, True, progress, log)
+            return _train(cfg, run_dir, saved, progress, log)
     cfg = cfg or Config()
     check_numbers(dataclasses.asdict(cfg))
     check_choices(cfg)
@@ -263,15 +263,16 @@ def train(cfg=None, out=None, resume=None, overrides=None, progress=True, log=pr
             if (run_dir / "config.json").exists() or (run_dir / "trace.jsonl").exists():
                 raise UserError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                                 f"or choose another --out")
-            return _train(cfg, run_dir, False, progress, log)
+            return _train(cfg, run_dir, None, progress, log)
     except BaseException:
         if created and not any(run_dir.iterdir()):   # a start that failed leaves no empty folder
             run_dir.rmdir()
         raise
 
 
-def _train(cfg, run_dir, resume, progress, log):
-    """The training loop of ``train``, in a locked run folder."""
+def _train(cfg, run_dir, saved, progress, log):
+    """The training loop of ``train``, in a locked run folder; ``saved``: the config.json of the
+    run it resumes, None for a new run."""
     ds = Omniglot(cfg.data, cfg.mirror, progress=progress)
     _check_config(cfg, ds)
     xp = backend.get_xp(cfg.device, cfg.tf32 or None)
@@ -280,7 +281,7 @@ def _train(cfg, run_dir, resume, progress, log):
     model = ProtoNet(net)
     epoch, best, bad = 0, math.inf, 0
     trace_path = run_dir / "trace.jsonl"
-    if resume:
+    if saved is not None:
         try:
             meta, state, adam = checkpoint.load(run_dir / "last.npz")
         except files.FileError:
@@ -302,8 +303,7 @@ def _train(cfg, run_dir, resume, progress, log):
     now = datetime.datetime.now().isoformat(timespec="seconds")
     run = {"config": dataclasses.asdict(cfg), "device": backend.device_name(xp),
            "versions": _versions(xp), "parameters": net.num_parameters(), "started": now}
-    if resume:      # the first start stays; each resume adds when, where and after which epoch
-        saved = files.read_json(run_dir / "config.json", "run settings")
+    if saved is not None:       # the first start stays; each resume adds when, where and after which epoch
         run["started"] = saved.get("started", now)
         run["resumed"] = saved.get("resumed", []) + [
             {"at": now, "after_epoch": epoch, "device": run["device"], "versions": run["versions"]}]
