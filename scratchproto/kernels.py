@@ -6,7 +6,7 @@ transposing copies. Each entry here does one such group in one kernel:
 
 * ``channel_sum(x, scale)`` / ``channel_dot(x, w)`` / ``channel_sq_dev(x, mu, scale)``: per-channel
   sums over (N, H, W) of x, of x*w and of (x - mu)^2, accumulated in float64 (times ``scale``:
-  1/m makes them BatchNorm's mean and variance in the same launch);
+  1/m makes them BatchNorm's mean and variance), each in two launches: per image, then the total;
 * ``bn_relu(y, mean, inv_std, gamma, beta, res, relu)``: xhat = (y - mean) * inv_std (written
   over y) and out = relu(gamma * xhat + beta [+ res]) (without the ReLU when relu is False);
 * ``bn_backward_constants(gamma, inv_std, dgamma, dbeta, m, train)``: BatchNorm's per-channel
@@ -192,19 +192,26 @@ ELEMENTWISE = {
         """),
 }
 
-# name: (inputs, output, map expression, reduce expression, post-map, identity); the sums are
-# accumulated in double precision (REDUCE_TYPE) and written in the inputs' type, in the one launch
+# Per-channel sums over all but the last axis, each in two launches. One launch over all N*H*W
+# rows of (N*H*W, C) starves the GPU: CuPy's reduction gives a block of 512 threads to 32
+# channels, so 64 channels keep two blocks busy, each thread walking some 30,000 rows in turn (a
+# 60-way episode's first layer: 10 ms a sum on an H200, 2026-12-04, where the twins' per-image
+# einsum took 1). So the first launch sums each image's rows, an (N, C) float64 array of partial
+# sums with thousands of blocks at work, and the second adds those over the images, scales and
+# casts back. name: (inputs, map expression); both launches accumulate in double precision.
 REDUCE_TYPE = "double"   # a C type: CuPy writes it into the kernel's source
 REDUCTIONS = {
-    "channel_sum": ("T x, float64 scale", "T s", "(double)x", "a + b", "s = (T)(a * scale)", "0"),
-    "channel_dot": ("T x, T w", "T s", "(double)x * (double)w", "a + b", "s = (T)a", "0"),
-    "channel_sq_dev": ("T x, T mu, float64 scale", "T s", "((double)x - (double)mu) * ((double)x - (double)mu)",
-                       "a + b", "s = (T)(a * scale)", "0"),
-    "relu_sum": ("T d, T out", "T s", "out > (T)0 ? (double)d : 0.0", "a + b", "s = (T)a", "0"),
-    "relu_dot_centered": ("T d, T out, T x, T mu, T sign, T inv_std", "T s",
-                          "out > (T)0 ? (double)d * (((double)x - (double)mu) * (double)(sign * inv_std)) : 0.0",
-                          "a + b", "s = (T)a", "0"),
+    "channel_sum": ("T x", "(double)x"),
+    "channel_dot": ("T x, T w", "(double)x * (double)w"),
+    "channel_sq_dev": ("T x, T mu", "((double)x - (double)mu) * ((double)x - (double)mu)"),
+    "relu_sum": ("T d, T out", "out > (T)0 ? (double)d : 0.0"),
+    "relu_dot_centered": ("T d, T out, T x, T mu, T sign, T inv_std",
+                          "out > (T)0 ? (double)d * (((double)x - (double)mu) * (double)(sign * inv_std)) : 0.0"),
 }
+PARTIAL = ("float64 s", "a + b", "s = a", "0")          # the first launch's output, reduce, post-map, identity
+# the second launch: partial sums (N, C) added over the images, times scale, in the type of `like`
+# (a zero of the inputs' dtype, there only to name T: a reduction's output type must come from an input)
+TOTAL = ("float64 p, float64 scale, T like", "T s", "p", "a + b", "s = (T)(a * scale)", "0")
 
 _compiled = {}
 
@@ -217,10 +224,21 @@ def _kernel(name):
             ins, outs, body = ELEMENTWISE[name]
             _compiled[name] = cupy.ElementwiseKernel(ins, outs, body, f"scratchproto_{name}")
         else:
-            ins, out, mapped, reduce, post, identity = REDUCTIONS[name]
+            ins, out, mapped, reduce, post, identity = (
+                TOTAL if name == "channel_total" else (*REDUCTIONS[name], *PARTIAL))
             _compiled[name] = cupy.ReductionKernel(ins, out, mapped, reduce, post, identity,
                                                    f"scratchproto_{name}", reduce_type=REDUCE_TYPE)
     return _compiled[name]
+
+
+def _per_channel(name, arrays, params=(), scale=1.0):
+    """scale * the sum over all but the last axis of reduction ``name``'s map over arrays
+    (N, ..., C) and params (per-channel vectors (C,) or scalars): (C,), in the arrays' dtype.
+    Two launches: per-image partial sums (N, C) in float64, then their total (see REDUCTIONS)."""
+    x = arrays[0]
+    rows = [a.reshape(x.shape[0], -1, x.shape[-1]) for a in arrays]
+    partial = _kernel(name)(*rows, *params, axis=1)
+    return _kernel("channel_total")(partial, float(scale), x.dtype.type(0), axis=0)
 
 
 def _channels_last_2d(x):
@@ -366,19 +384,19 @@ def adam_twin(xp, opt, p, g, m, v, step_size, sqrt_bc2):
 def channel_sum(xp, x, scale=1.0):
     if not enabled(xp):
         return channel_sum_twin(xp, x, scale)
-    return _kernel("channel_sum")(_channels_last_2d(x), float(scale), axis=0)
+    return _per_channel("channel_sum", [x], scale=scale)
 
 
 def channel_dot(xp, x, w):
     if not enabled(xp):
         return channel_dot_twin(xp, x, w)
-    return _kernel("channel_dot")(_channels_last_2d(x), _channels_last_2d(w), axis=0)
+    return _per_channel("channel_dot", [x, w])
 
 
 def channel_sq_dev(xp, x, mu, scale=1.0):
     if not enabled(xp):
         return channel_sq_dev_twin(xp, x, mu, scale)
-    return _kernel("channel_sq_dev")(_channels_last_2d(x), mu, float(scale), axis=0)
+    return _per_channel("channel_sq_dev", [x], [mu], scale)
 
 
 def bn_relu(xp, y, mean, inv_std, gamma, beta, res=None, relu=True):
@@ -442,9 +460,8 @@ def pool_bn_relu(xp, y, scale, shift):
 def relu_sums(xp, dout, out, pooled, mean, sign, inv_std):
     if not enabled(xp):
         return relu_sums_twin(xp, dout, out, pooled, mean, sign, inv_std)
-    d2, o2 = _channels_last_2d(dout), _channels_last_2d(out)
-    return (_kernel("relu_sum")(d2, o2, axis=0),
-            _kernel("relu_dot_centered")(d2, o2, _channels_last_2d(pooled), mean, sign, inv_std, axis=0))
+    return (_per_channel("relu_sum", [dout, out]),
+            _per_channel("relu_dot_centered", [dout, out, pooled], [mean, sign, inv_std]))
 
 
 def conv_block_dy(xp, y, dy_per_y, dy_const, a, dout, out, winner):
@@ -553,17 +570,21 @@ class NumpyStandIn:
                     xp, *rest, bool(train), (gamma_grad, beta_grad, bias_grad))):
                 dest[...] = value
             return a, dy_per_y, dy_const, gamma_grad, beta_grad, bias_grad
-        assert axis == 0
+        if name == "channel_total":
+            assert axis == 0 and args[0].dtype == np.float64
+            p, scale, like = args
+            return (p.sum(axis=0) * scale).astype(np.asarray(like).dtype)
+        assert axis == 1 and args[0].ndim == 3          # (N, rows of an image, C): partial sums
         x = args[0].astype(np.float64)
         if name == "channel_sum":
-            s = x.sum(axis=0) * args[1]
+            s = x
         elif name == "channel_dot":
-            s = (x * args[1]).sum(axis=0)
+            s = x * args[1]
         elif name == "relu_sum":
-            s = (x * (args[1] > 0)).sum(axis=0)
+            s = x * (args[1] > 0)
         elif name == "relu_dot_centered":
             d, out, pooled, mu, sign, inv_std = args
-            s = (x * (out > 0) * ((pooled.astype(np.float64) - mu) * (sign * inv_std))).sum(axis=0)
+            s = x * (out > 0) * ((pooled.astype(np.float64) - mu) * (sign * inv_std))
         else:
-            s = ((x - args[1]) ** 2).sum(axis=0) * args[2]
-        return s.astype(args[0].dtype)
+            s = (x - args[1]) ** 2
+        return s.sum(axis=1)
