@@ -224,8 +224,10 @@ def _kernel(name):
             ins, outs, body = ELEMENTWISE[name]
             _compiled[name] = cupy.ElementwiseKernel(ins, outs, body, f"scratchproto_{name}")
         else:
-            ins, out, mapped, reduce, post, identity = (
-                TOTAL if name == "channel_total" else (*REDUCTIONS[name], *PARTIAL))
+            if name == "channel_total":
+                ins, out, mapped, reduce, post, identity = TOTAL
+            else:
+                (ins, mapped), (out, reduce, post, identity) = REDUCTIONS[name], PARTIAL
             _compiled[name] = cupy.ReductionKernel(ins, out, mapped, reduce, post, identity,
                                                    f"scratchproto_{name}", reduce_type=REDUCE_TYPE)
     return _compiled[name]
