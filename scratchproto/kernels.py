@@ -209,9 +209,10 @@ REDUCTIONS = {
                           "out > (T)0 ? (double)d * (((double)x - (double)mu) * (double)(sign * inv_std)) : 0.0"),
 }
 PARTIAL = ("float64 s", "a + b", "s = a", "0")          # the first launch's output, reduce, post-map, identity
-# the second launch: partial sums (N, C) added over the images, times scale, in the type of `like`
-# (a zero of the inputs' dtype, there only to name T: a reduction's output type must come from an input)
-TOTAL = ("float64 p, float64 scale, T like", "T s", "p", "a + b", "s = (T)(a * scale)", "0")
+# the second launch: partial sums (N, C) added over the images, times scale, cast to the inputs dtype
+# (one kernel per dtype: a reduction's output type can only be named, not taken from an output)
+TOTAL = {dtype: ("float64 p, float64 scale", f"{dtype} s", "p", "a + b", f"s = ({ctype})(a * scale)", "0")
+         for dtype, ctype in (("float32", "float"), ("float64", "double"))}
 
 _compiled = {}
 
@@ -224,8 +225,8 @@ def _kernel(name):
             ins, outs, body = ELEMENTWISE[name]
             _compiled[name] = cupy.ElementwiseKernel(ins, outs, body, f"scratchproto_{name}")
         else:
-            if name == "channel_total":
-                ins, out, mapped, reduce, post, identity = TOTAL
+            if name.startswith("channel_total_"):
+                ins, out, mapped, reduce, post, identity = TOTAL[name[len("channel_total_"):]]
             else:
                 (ins, mapped), (out, reduce, post, identity) = REDUCTIONS[name], PARTIAL
             _compiled[name] = cupy.ReductionKernel(ins, out, mapped, reduce, post, identity,
@@ -240,7 +241,7 @@ def _per_channel(name, arrays, params=(), scale=1.0):
     x = arrays[0]
     rows = [a.reshape(x.shape[0], -1, x.shape[-1]) for a in arrays]
     partial = _kernel(name)(*rows, *params, axis=1)
-    return _kernel("channel_total")(partial, float(scale), x.dtype.type(0), axis=0)
+    return _kernel(f"channel_total_{x.dtype.name}")(partial, float(scale), axis=0)
 
 
 def _channels_last_2d(x):
@@ -572,10 +573,10 @@ class NumpyStandIn:
                     xp, *rest, bool(train), (gamma_grad, beta_grad, bias_grad))):
                 dest[...] = value
             return a, dy_per_y, dy_const, gamma_grad, beta_grad, bias_grad
-        if name == "channel_total":
+        if name.startswith("channel_total_"):
             assert axis == 0 and args[0].dtype == np.float64
-            p, scale, like = args
-            return (p.sum(axis=0) * scale).astype(np.asarray(like).dtype)
+            p, scale = args
+            return (p.sum(axis=0) * scale).astype(name[len("channel_total_"):])
         assert axis == 1 and args[0].ndim == 3          # (N, rows of an image, C): partial sums
         x = args[0].astype(np.float64)
         if name == "channel_sum":
