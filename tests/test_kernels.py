@@ -117,10 +117,10 @@ def test_every_cuda_body_compiles(tmp_path):
     src = ["#define __device__\n#include <cmath>\nusing std::sqrt;   // CUDA's device math, for the syntax\n"]
     for name, (ins, outs, body) in kernels.ELEMENTWISE.items():
         src.append(_cpp(name, ins, outs, body))
-    reductions = [(name, (ins, mapped, *kernels.PARTIAL)) for name, (ins, mapped) in kernels.REDUCTIONS.items()]
-    for name, (ins, mapped, out, reduce, post, identity) in reductions + [("channel_total", kernels.TOTAL)]:
-        if name == "channel_total":
-            ins, out, mapped, reduce, post, identity = kernels.TOTAL
+    reductions = [(name, (ins, kernels.PARTIAL[0], mapped, *kernels.PARTIAL[1:]))
+                  for name, (ins, mapped) in kernels.REDUCTIONS.items()]
+    reductions += [(f"channel_total_{dtype}", spec) for dtype, spec in kernels.TOTAL.items()]
+    for name, (ins, out, mapped, reduce, post, identity) in reductions:
         body = (f"double a = ({mapped}); double b = ({identity}); a = ({reduce}); {post};")
         src.append(_cpp(name, ins, out, body))
     path = tmp_path / "kernels.cpp"
