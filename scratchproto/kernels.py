@@ -33,7 +33,8 @@ transposing copies. Each entry here does one such group in one kernel:
   forward (1/sigma, scale, shift) and backward (the coefficients of dy, and the parameter
   gradients added where they accumulate), a dozen tiny operations each, which on a GPU are as
   many launches;
-* ``adam(p, g, m, v, ...)``: Adam's step over the flat parameter arrays (optim.py), in place.
+* ``adam(p, g, m, v, ...)``: Adam's step over the flat parameter arrays (optim.py), in place (its
+  formula in ``adam_twin``, which optim.Adam also runs: the kernels know no optimiser).
 
 Every function takes the array module first. Its twin (``*_twin``) is the reference: plain array
 operations, written once against ``xp``, the formula in its docstring; tests hold the kernels
@@ -381,9 +382,21 @@ def block_backward_constants_twin(xp, gamma, inv_std, sign, mean, dgamma, dbeta,
     return a, dy_per_y, dy_const
 
 
-def adam_twin(xp, opt, p, g, m, v, step_size, sqrt_bc2):
-    """Adam's step in place on p, m, v: optim.Adam._update (its docstring has the formula)."""
-    opt._update(p, g, m, v, step_size, sqrt_bc2)
+def adam_twin(xp, p, g, m, v, betas, eps, weight_decay, step_size, sqrt_bc2):
+    """Adam's step (optim.Adam) in place on p, m and v, with step_size = lr / (1 - b1^t) and
+    sqrt_bc2 = sqrt(1 - b2^t):
+
+        g <- g + weight_decay * p ;  m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
+        p <- p - step_size * m / (sqrt(v) / sqrt_bc2 + eps)
+    """
+    b1, b2 = betas
+    if weight_decay:
+        g = g + weight_decay * p
+    m *= b1
+    m += (1 - b1) * g
+    v *= b2
+    v += (1 - b2) * g * g
+    p -= step_size * m / (xp.sqrt(v) / sqrt_bc2 + eps)
 
 
 def channel_sum(xp, x, scale=1.0):
@@ -504,11 +517,11 @@ def block_backward_constants(xp, gamma, inv_std, sign, mean, dgamma, dbeta, m, t
     return a, dy_per_y, dy_const
 
 
-def adam(xp, opt, p, g, m, v, step_size, sqrt_bc2):
+def adam(xp, p, g, m, v, betas, eps, weight_decay, step_size, sqrt_bc2):
     if not enabled(xp):
-        return adam_twin(xp, opt, p, g, m, v, step_size, sqrt_bc2)
-    b1, b2 = opt.betas
-    _kernel("adam")(g, b1, 1 - b1, b2, 1 - b2, step_size, sqrt_bc2, opt.eps, opt.weight_decay, p, m, v)
+        return adam_twin(xp, p, g, m, v, betas, eps, weight_decay, step_size, sqrt_bc2)
+    b1, b2 = betas
+    _kernel("adam")(g, b1, 1 - b1, b2, 1 - b2, step_size, sqrt_bc2, eps, weight_decay, p, m, v)
 
 
 class NumpyStandIn:
@@ -565,9 +578,8 @@ class NumpyStandIn:
         if name == "block_constants":
             return block_constants_twin(xp, *args)
         if name == "adam":
-            from .optim import adam_update       # (optim imports this module)
             g, b1, _, b2, _, step_size, sqrt_bc2, eps, weight_decay, p, m, v = args
-            adam_update(xp, p, g, m, v, (b1, b2), eps, weight_decay, step_size, sqrt_bc2)
+            adam_twin(xp, p, g, m, v, (b1, b2), eps, weight_decay, step_size, sqrt_bc2)
             return p, m, v
         if name == "block_backward_constants":
             *rest, train, a, dy_per_y, dy_const, gamma_grad, beta_grad, bias_grad = args

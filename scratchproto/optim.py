@@ -46,7 +46,7 @@ class Adam:
             p, g, m, v = self.net.flat_params, self.net.flat_grads, self.m_flat, self.v_flat
             xp = self.net.xp
             if kernels.enabled(xp):        # on a GPU: the whole step in one kernel
-                kernels.adam(xp, self, p, g, m, v, step_size, sqrt_bc2)
+                kernels.adam(xp, p, g, m, v, self.betas, self.eps, self.weight_decay, step_size, sqrt_bc2)
             else:
                 over_images(xp, p.size, 1, lambda i0, i1: self._update(
                     p[i0:i1], g[i0:i1], m[i0:i1], v[i0:i1], step_size, sqrt_bc2))
@@ -55,8 +55,9 @@ class Adam:
                 self._update(p, g, self.m[name], self.v[name], step_size, sqrt_bc2)
 
     def _update(self, p, g, m, v, step_size, sqrt_bc2):
-        """The update of the class docstring, in place on p, m and v."""
-        adam_update(self.net.xp, p, g, m, v, self.betas, self.eps, self.weight_decay, step_size, sqrt_bc2)
+        """The update of the class docstring, in place on p, m and v (kernels.adam_twin: the
+        formula once, for this loop and for the GPU kernel's tests)."""
+        kernels.adam_twin(self.net.xp, p, g, m, v, self.betas, self.eps, self.weight_decay, step_size, sqrt_bc2)
 
     def state_dict(self):
         """Host arrays and numbers: enough to continue exactly where it stopped."""
@@ -73,19 +74,6 @@ class Adam:
         for name in self.m:
             self.m[name][...] = self.net.xp.asarray(sd[f"m.{name}"])
             self.v[name][...] = self.net.xp.asarray(sd[f"v.{name}"])
-
-
-def adam_update(xp, p, g, m, v, betas, eps, weight_decay, step_size, sqrt_bc2):
-    """Adam's step (the class docstring) in place on p, m and v, with step_size = lr / (1 - b1^t)
-    and sqrt_bc2 = sqrt(1 - b2^t)."""
-    b1, b2 = betas
-    if weight_decay:
-        g = g + weight_decay * p
-    m *= b1
-    m += (1 - b1) * g
-    v *= b2
-    v += (1 - b2) * g * g
-    p -= step_size * m / (xp.sqrt(v) / sqrt_bc2 + eps)
 
 
 def step_lr(lr0, epoch, step=20, gamma=0.5):

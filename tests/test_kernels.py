@@ -192,8 +192,9 @@ def test_cupy_kernels_match_their_twins(monkeypatch, dtype, rtol):
         flat = [cp.asarray(rng.standard_normal(net.flat_params.size), dtype=dtype) for _ in range(4)]
         flat[3] = cp.abs(flat[3])                                              # v >= 0
         copies = [[a.copy() for a in flat] for _ in range(2)]
-        kernels.adam(cp, opt, *copies[0], 0.01, 0.3)
-        kernels.adam_twin(cp, opt, *copies[1], 0.01, 0.3)
+        hyper = (opt.betas, opt.eps, opt.weight_decay, 0.01, 0.3)
+        kernels.adam(cp, *copies[0], *hyper)
+        kernels.adam_twin(cp, *copies[1], *hyper)
         pairs += [(copies[0][k], copies[1][k]) for k in (0, 2, 3)]             # p, m, v
         if shape[1] > 1:
             xr = cp.round(x)                                     # ties in the windows
@@ -290,3 +291,32 @@ def test_cupy_backbones_on_the_kernels_match_the_plain_layers(monkeypatch, backb
     _assert_backbones_agree(build_backbone(backbone, seed=0, dtype=F64, fast=False),
                             build_backbone(backbone, seed=0, dtype=F64, xp=cp), batch, seed=9,
                             dev=cp.asarray, host=cp.asnumpy)
+
+
+def _package_imports():
+    """{module: the package modules it imports, at the top or inside a function} for scratchproto/."""
+    import ast
+    import pathlib
+    root = pathlib.Path(kernels.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names |= {node.module} if node.module else {a.name for a in node.names}
+        graph[path.stem] = names
+    return graph
+
+
+def test_the_package_imports_no_circle():
+    """The engine's layers import downwards only (kernels.py knows no optimiser, fast.py no
+    trainer): a circle among them would make the import order matter."""
+    graph = _package_imports()
+    assert "optim" not in graph["kernels"] and "kernels" in graph["optim"]     # the case once found
+
+    def visit(name, path):
+        assert name not in path, "import circle: " + " -> ".join(path + [name])
+        for other in graph.get(name, ()):
+            visit(other, path + [name])
+    for name in graph:
+        visit(name, [])
