@@ -50,6 +50,9 @@ def parser():
     m.add_argument("--width", type=int, default=D.width, help="ConvNet channels per block (default: %(default)s)")
     m.add_argument("--device", choices=sp.backend.DEVICES, default=None,
                    help="cpu (NumPy), gpu (CuPy; falls back to the CPU with a warning) or auto (default: auto)")
+    m.add_argument("--require-gpu", action="store_true",
+                   help="with --device gpu: stop with an error where no GPU is usable, instead of "
+                        f"falling back to the CPU (for batch jobs). Also ${sp.backend.REQUIRE_GPU_ENV}=1")
     m.add_argument("--tf32", action="store_true",
                    help=f"on a GPU, compute float32 matrix products on TF32 tensor cores (faster, 10-bit "
                         f"mantissas in the products; PyTorch's default for convolutions); off: plain FP32. "
@@ -126,6 +129,12 @@ def main(argv=None):
     trainer.check_numbers(vars(args))
     if args.tf32:
         os.environ[sp.backend.TF32_ENV] = "1"     # every mode below picks its device through get_xp
+    if args.require_gpu:
+        if args.device not in (None, "gpu"):
+            raise sp.UserError(f"--require-gpu goes with --device gpu, not --device {args.device}")
+        args.device = "gpu"
+        os.environ[sp.backend.REQUIRE_GPU_ENV] = "1"
+        sp.backend.get_xp("gpu")                  # now, before any download or data loading
     if args.plot_sweep:
         path, rows = sp.plots.plot_sweep(args.plot_sweep, epoch=args.at_epoch)
         print(sp.plots.format_sweep(rows))

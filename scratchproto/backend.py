@@ -9,7 +9,10 @@ import sys
 
 import numpy as np
 
+from .errors import UserError
+
 DEVICES = ("cpu", "gpu", "auto")
+REQUIRE_GPU_ENV = "SCRATCHPROTO_REQUIRE_GPU"   # '1': a missing GPU is an error, not a fallback
 
 
 def _cupy_or_reason():
@@ -60,8 +63,9 @@ def tf32_requested(tf32=None):
 def get_xp(device="cpu", tf32=None):
     """The array module for ``device``: 'cpu' -> numpy, 'gpu' -> cupy, 'auto' -> cupy if usable.
 
-    Asking for 'gpu' where CuPy or a GPU is missing warns on one line and falls back to NumPy.
-    On NumPy it also calls keep_freed_memory() (see there).
+    Asking for 'gpu' where CuPy or a GPU is missing warns on one line and falls back to NumPy, or,
+    with $SCRATCHPROTO_REQUIRE_GPU=1 (run.py --require-gpu), raises UserError: a batch job that
+    must not quietly take a hundred times longer. On NumPy it also calls keep_freed_memory().
 
     ``tf32`` (default: $SCRATCHPROTO_TF32 == '1'): on CuPy, let cuBLAS compute float32 matrix
     products on TF32 tensor cores (10-bit mantissas in the products, float32 sums), as PyTorch
@@ -76,6 +80,8 @@ def get_xp(device="cpu", tf32=None):
         # explicit either way: a CUPY_TF32 left in the environment must not change the precision
         os.environ["CUPY_TF32"] = "1" if tf32_requested(tf32) else "0"
         return cupy
+    if device == "gpu" and os.environ.get(REQUIRE_GPU_ENV) == "1":
+        raise UserError(f"--require-gpu: {why}")
     if device == "gpu":
         print(f"warning: --device gpu asked for, but {why}; falling back to NumPy on the CPU",
               file=sys.stderr)
@@ -89,6 +95,26 @@ def get_xp(device="cpu", tf32=None):
 def device_name(xp):
     """'gpu' for CuPy, 'cpu' for NumPy."""
     return "cpu" if xp is np else "gpu"
+
+
+def gpu_model(xp):
+    """The GPU's name as its driver reports it (e.g. 'NVIDIA H200'), None on NumPy."""
+    if xp is np:
+        return None
+    props = xp.cuda.runtime.getDeviceProperties(xp.cuda.runtime.getDevice())
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def describe(xp, asked):
+    """Where the work runs, in words, for a run's first line and its config.json: 'gpu (NVIDIA
+    H200)', 'cpu', or, when ``asked`` was 'gpu' and none was usable, 'cpu (--device gpu asked for,
+    but CuPy sees no GPU)'."""
+    if xp is not np:
+        return f"gpu ({gpu_model(xp)})"
+    if asked == "gpu":
+        return f"cpu (--device gpu asked for, but {_cupy_or_reason()[1]})"
+    return "cpu"
 
 
 def xp_of(a):

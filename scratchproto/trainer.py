@@ -301,17 +301,19 @@ def _train(cfg, run_dir, saved, progress, log):
             files.atomic_write(trace_path, kept, "fix that, then resume again")
         log(f"resuming {run_dir} after epoch {epoch}")
     now = datetime.datetime.now().isoformat(timespec="seconds")
-    run = {"config": dataclasses.asdict(cfg), "device": backend.device_name(xp),
-           "versions": _versions(xp), "parameters": net.num_parameters(), "started": now}
+    where = backend.describe(xp, cfg.device)
+    run = {"config": dataclasses.asdict(cfg), "device": backend.device_name(xp), "ran_on": where,
+           "gpu": backend.gpu_model(xp), "versions": _versions(xp), "parameters": net.num_parameters(),
+           "started": now}
     if saved is not None:       # the first start stays; each resume adds when, where and after which epoch
         run["started"] = saved.get("started", now)
         run["resumed"] = saved.get("resumed", []) + [
-            {"at": now, "after_epoch": epoch, "device": run["device"], "versions": run["versions"]}]
+            {"at": now, "after_epoch": epoch, "device": run["device"], "ran_on": where,
+             "versions": run["versions"]}]
     files.atomic_write(run_dir / "config.json", json.dumps(run, indent=2) + "\n")
 
     validate = cfg.splits[1] is not None
-    log(f"{cfg.backbone} ({net.num_parameters():,} parameters) on {backend.device_name(xp)}; "
-        f"run folder {run_dir}")
+    log(f"{cfg.backbone} ({net.num_parameters():,} parameters) on {where}; run folder {run_dir}")
     try:
         while epoch < cfg.epochs and bad < cfg.patience:
             e = epoch + 1

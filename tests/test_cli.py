@@ -69,6 +69,10 @@ def test_train_then_eval_then_plot(omniglot, tmp_path):
     p = run(*tiny, "--out", str(out), data=omniglot.root)
     assert p.returncode == 0, p.stderr
     assert "epoch    1" in p.stdout and "val loss" in p.stdout and "done after epoch 1" in p.stdout
+    # the first line and config.json say where it ran
+    assert p.stdout.splitlines()[0].startswith("convnet (1,896 parameters) on cpu; run folder ")
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["device"], saved["ran_on"], saved["gpu"]) == ("cpu", "cpu", None)
     again = run(*tiny, "--out", str(out), data=omniglot.root)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     p = run("--eval", str(out / "best.npz"), "--way", "5", "--shot", "1", "--query", "3", "--episodes", "3",
@@ -108,6 +112,35 @@ def test_gpu_request_without_gpu_warns_once_and_falls_back(capsys):
     assert err[0].endswith("falling back to NumPy on the CPU")
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         backend.get_xp("tpu")
+
+
+def test_a_missing_gpu_is_named_and_can_be_made_an_error(monkeypatch, tmp_path):
+    from scratchproto import backend
+    if backend._cupy_or_reason()[0] is not None:
+        pytest.skip("a GPU is present here")
+    why = backend._cupy_or_reason()[1]
+    assert backend.describe(np, "cpu") == "cpu" and backend.describe(np, "auto") == "cpu"
+    assert backend.describe(np, "gpu") == f"cpu (--device gpu asked for, but {why})"
+    monkeypatch.setenv(backend.REQUIRE_GPU_ENV, "1")
+    with pytest.raises(backend.UserError, match=r"^--require-gpu: "):
+        backend.get_xp("gpu")
+    assert backend.get_xp("cpu") is np          # the requirement is about --device gpu only
+    # on the command line: one line, before any data are touched (no --data folder is made)
+    p = run("--require-gpu", "--epochs", "1", "--out", str(tmp_path / "run"), data=tmp_path / "data")
+    assert p.returncode == 2 and p.stderr.strip() == f"error: --require-gpu: {why}", p.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+    p = run("--require-gpu", "--device", "cpu")
+    assert p.returncode == 2 and p.stderr.strip() == "error: --require-gpu goes with --device gpu, not --device cpu"
+
+
+def test_a_gpu_is_named_by_its_model():
+    """describe() and gpu_model() on a stand-in for CuPy (the real one needs a GPU)."""
+    import types
+    from scratchproto import backend
+    runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceProperties=lambda i: {"name": b"NVIDIA H200"})
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+    assert backend.gpu_model(fake) == "NVIDIA H200" and backend.gpu_model(np) is None
+    assert backend.describe(fake, "gpu") == "gpu (NVIDIA H200)" == backend.describe(fake, "auto")
 
 
 def test_sigterm_interrupts_once_and_later_ones_are_ignored():
