@@ -26,7 +26,7 @@ import zlib
 
 import numpy as np
 
-from . import backend, checkpoint, files
+from . import backend, checkpoint, files, selfcheck
 from .omniglot import DataError, download, preprocess, source_url
 
 FILE = "all_runs.zip"
@@ -150,7 +150,9 @@ def evaluate(ckpt, device="auto", data="data/omniglot", mirror=None, progress=Tr
     runs = read_runs(fetch(data, mirror, progress))
     if len(runs) != RUNS:
         raise DataError(f"{FILE} holds {len(runs)} runs, expected {RUNS}")
-    meta, net = checkpoint.load_backbone(ckpt, backend.get_xp(device))
+    xp = backend.get_xp(device)
+    selfcheck.check(xp)
+    meta, net = checkpoint.load_backbone(ckpt, xp)
     errors = run_errors(net, runs)
     seen = training_split(ckpt, meta) != "background"
     rows = [{"run": r.name, "error": e, "seen_in_training": seen and int(r.name[3:]) in SEEN_BY_VINYALS_TRAIN}

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from . import backend, checkpoint, files, plots
+from . import backend, checkpoint, files, plots, selfcheck
 from .backbones import build_backbone
 from .collapse import METRICS
 from .episodes import check_episode, episodes
@@ -276,6 +276,7 @@ def _train(cfg, run_dir, saved, progress, log):
     ds = Omniglot(cfg.data, cfg.mirror, progress=progress)
     _check_config(cfg, ds)
     xp = backend.get_xp(cfg.device, cfg.tf32 or None)
+    selfcheck.check(xp)
     net = build_backbone(cfg.backbone, seed=cfg.seed, width=cfg.width, xp=xp)
     opt = Adam(net, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model = ProtoNet(net)
@@ -385,8 +386,9 @@ def evaluate(ckpt, settings, split="test", query=15, n=1000, seed=0, device="aut
         check_episode(way, shot, query, len(ds.classes(split)), split)
     if int(n) != n or n < 1:
         raise UserError(f"the number of episodes must be a positive integer, got {n}")
-    meta, net = checkpoint.load_backbone(ckpt, backend.get_xp(device))
-    xp = net.xp
+    xp = backend.get_xp(device)
+    selfcheck.check(xp)
+    meta, net = checkpoint.load_backbone(ckpt, xp)
     model = ProtoNet(net)
     from tqdm import tqdm
     results = []
