@@ -87,6 +87,16 @@ else
   echo "the kernels' tests failed: everything below runs on their twins (SCRATCHPROTO_KERNELS=0)"
 fi
 
+step "the GPU self-check that runs before training (selfcheck.py), on its own and timed"
+timeout 120 $PY -c "
+import time
+from scratchproto import backend, selfcheck
+xp = backend.get_xp('gpu')
+for i in range(2):   # the first call compiles the float64 kernels
+    t = time.perf_counter()
+    problem = selfcheck.first_difference(xp)
+    print('self-check:', problem or 'agrees with NumPy', f'({time.perf_counter() - t:.2f} s)')"
+
 step "scratchproto vs PyTorch, alternating, 60-way 5-shot 5-query"
 if [ $kernels_ok = 1 ]; then
   SCRATCHPROTO_KERNELS=0 compare --backbone convnet --rounds 1; result convnet fp32-no-kernels torch-default INFO
