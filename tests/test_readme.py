@@ -19,3 +19,22 @@ def test_documentation_python_blocks_run(omniglot, tmp_path, monkeypatch):
             exec(compile("\n" * (line - 1) + m.group(1), str(page), "exec"), namespace)
             ran += 1
     assert ran >= 2
+
+
+def test_the_tracked_tree_leaves_room_to_carry_omniglot_to_a_gpu():
+    """A call to a lent GPU machine carries the working tree and what it names, 64 MiB in all;
+    Omniglot's two archives and split lists take 14.7 MiB, the PyTorch reference and the run
+    folder to resume a few more. So the tracked files stay under 44 MiB: a finished run's
+    last.npz with Adam's state (1.4 MB a ConvNet, 134 MB a ResNet-18) is no file to commit
+    lightly (benchmarks/gpu_check.sh keeps ResNet-18's on the machine)."""
+    import subprocess
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        import pytest
+        pytest.skip("not a git checkout")
+    sizes = {name: (REPO / name).stat().st_size for name in listed.decode().split("\0")
+             if name and (REPO / name).is_file()}
+    total = sum(sizes.values()) / 2 ** 20
+    largest = sorted(sizes, key=sizes.get)[-3:]
+    assert total < 44, f"tracked files take {total:.1f} MiB; the largest: {largest}"
