@@ -320,3 +320,70 @@ def test_the_package_imports_no_circle():
             visit(other, path + [name])
     for name in graph:
         visit(name, [])
+
+
+KERNEL_CHECK_ENV = "SCRATCHPROTO_KERNEL_CHECK"   # '1' (CI): CuPy must be importable for the test below
+
+
+def _recorded_kernel_calls():
+    """{(kernel name, (dtype or None for a scalar, ...))} of every kernel call that training and
+    evaluation episodes of both backbones make on the kernel path, in float32 and float64 (the
+    kernels' stand-ins run them on NumPy and note each call's argument types)."""
+    import os
+    from scratchproto import Adam, ProtoNet, build_backbone
+    calls = set()
+
+    class Recorder(kernels.NumpyStandIn):
+        def __call__(self, *args, axis=None):
+            calls.add((self.name, tuple(a.dtype.type if isinstance(a, np.ndarray) else None for a in args)))
+            return super().__call__(*args, axis=axis)
+    saved = kernels.enabled, kernels._kernel, os.environ.get(kernels.ENV)
+    kernels.enabled, kernels._kernel = (lambda xp: True), Recorder
+    try:
+        rng = np.random.default_rng(0)
+        for backbone in ("convnet", "resnet18"):
+            for dtype in (np.float32, np.float64):
+                net = build_backbone(backbone, seed=0, width=8, dtype=dtype)
+                opt, model = Adam(net), ProtoNet(net)
+                xs, xq = rng.random((2, 1, 1, 28, 28)), rng.random((2, 2, 1, 28, 28))
+                for train in (True, False):
+                    model.episode(xs, xq, train=train)
+                opt.step()
+    finally:
+        kernels.enabled, kernels._kernel = saved[:2]
+    return calls
+
+
+def test_every_kernel_builds_in_cupy_and_types_its_calls():
+    """CuPy builds each kernel object and decides its argument types on any machine, without a
+    GPU: the two steps before NVRTC compiles. Each kernel is built from its specification, and
+    every call the engine makes (recorded on the stand-ins) is typed as CuPy types it at launch.
+    Both mistakes found on an H200 on 2026-12-04 fail here: a specification read in the wrong order
+    (CuPy: 'Syntax error: (double)x') and an output type that no input names (KeyError: 'T')."""
+    import os
+    try:
+        import cupy
+        from cupy._core import _kernel as cupy_kernel
+    except ImportError as e:
+        if os.environ.get(KERNEL_CHECK_ENV) == "1":
+            pytest.fail(f"{KERNEL_CHECK_ENV}=1 but CuPy does not import ({e}): pip install cupy-cuda13x")
+        pytest.skip("CuPy is not installed (pip install cupy-cuda13x runs this check without a GPU)")
+    calls = _recorded_kernel_calls()
+    names = {name for name, _ in calls}
+    every = set(kernels.ELEMENTWISE) | set(kernels.REDUCTIONS) | {f"channel_total_{t}" for t in kernels.TOTAL}
+    assert names == every        # the episodes call every kernel there is, and no other
+    saved = dict(kernels._compiled)
+    try:
+        kernels._compiled.clear()
+        for name in sorted(every):
+            kernels._kernel(name)          # CuPy parses the parameters here
+        for name, types in sorted(calls, key=str):
+            k = kernels._kernel(name)
+            if isinstance(k, cupy.ElementwiseKernel):
+                ins, outs = types[:k.nin], types[k.nin:]
+                k._decide_params_type(ins, outs)
+            else:
+                cupy_kernel._decide_params_type(k.in_params, k.out_params, types, ())
+    finally:
+        kernels._compiled.clear()
+        kernels._compiled.update(saved)
