@@ -1,6 +1,7 @@
 """kernels.py: the twins against the library's BatchNorm, the fused block's kernel path on stand-in
 kernels (so its plumbing is tested on any machine), the CUDA bodies through a C++ compiler, and,
 on a GPU, every kernel against its twin."""
+import os
 import re
 import shutil
 import subprocess
@@ -112,8 +113,11 @@ def _cpp(name, ins, outs, body):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to check the CUDA bodies")
 def test_every_cuda_body_compiles(tmp_path):
-    """A typo in a kernel must not cost GPU minutes: each body, in a function with the kernel's
-    parameters, through g++ -fsyntax-only (the CUDA qualifier defined away)."""
+    """The fallback where NVRTC is missing (the NVRTC check below is the real one: g++ lets some
+    CUDA mistakes through and refuses some correct CUDA): each body, in a function with the
+    kernel's parameters, through g++ -fsyntax-only (the CUDA qualifier defined away)."""
+    if _kernel_check_problem() is None:
+        pytest.skip("NVRTC is here: test_every_kernel_compiles_as_cupy_would_for_hopper_and_ampere checks the kernels")
     src = ["#define __device__\n#include <cmath>\nusing std::sqrt;   // CUDA's device math, for the syntax\n"]
     for name, (ins, outs, body) in kernels.ELEMENTWISE.items():
         src.append(_cpp(name, ins, outs, body))
@@ -322,11 +326,36 @@ def test_the_package_imports_no_circle():
         visit(name, [])
 
 
-KERNEL_CHECK_ENV = "SCRATCHPROTO_KERNEL_CHECK"   # '1' (CI): CuPy must be importable for the test below
+KERNEL_CHECK_ENV = "SCRATCHPROTO_KERNEL_CHECK"   # '1' (CI): the checks below must run, not skip
+
+
+def _kernel_check_problem(nvrtc=True):
+    """None where CuPy imports (and, with ``nvrtc``, NVRTC compiles with CUDA's headers), else why
+    not. All of it installs from pip and runs without a GPU."""
+    try:
+        import cupy  # noqa: F401
+        if nvrtc:
+            _nvrtc("extern \"C\" __global__ void probe(float* x) { x[0] = sqrt(x[0]); }", "sm_90")
+    except Exception as e:     # ImportError, or NVRTC or the headers missing
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def _cupy_module(nvrtc=False):
+    """CuPy, when the check can run (_kernel_check_problem); else skip, or fail where
+    $SCRATCHPROTO_KERNEL_CHECK=1 (CI)."""
+    how = "pip install cupy-cuda13x nvidia-cuda-nvrtc nvidia-cuda-runtime"
+    why = _kernel_check_problem(nvrtc)
+    if why is not None:
+        if os.environ.get(KERNEL_CHECK_ENV) == "1":
+            pytest.fail(f"{KERNEL_CHECK_ENV}=1 but the kernel check cannot run ({why}): {how}")
+        pytest.skip(f"the kernel check needs CuPy and NVRTC ({why}): {how}, no GPU needed")
+    import cupy
+    return cupy
 
 
 def _recorded_kernel_calls():
-    """{(kernel name, (dtype or None for a scalar, ...))} of every kernel call that training and
+    """{(kernel name, (dtype or None for a scalar, ...), (ndim or None, ...))} of every kernel call that training and
     evaluation episodes of both backbones make on the kernel path, in float32 and float64 (the
     kernels' stand-ins run them on NumPy and note each call's argument types)."""
     import os
@@ -335,7 +364,8 @@ def _recorded_kernel_calls():
 
     class Recorder(kernels.NumpyStandIn):
         def __call__(self, *args, axis=None):
-            calls.add((self.name, tuple(a.dtype.type if isinstance(a, np.ndarray) else None for a in args)))
+            calls.add((self.name, tuple(a.dtype.type if isinstance(a, np.ndarray) else None for a in args),
+                       tuple(a.ndim if isinstance(a, np.ndarray) else None for a in args)))
             return super().__call__(*args, axis=axis)
     saved = kernels.enabled, kernels._kernel, os.environ.get(kernels.ENV)
     kernels.enabled, kernels._kernel = (lambda xp: True), Recorder
@@ -360,16 +390,10 @@ def test_every_kernel_builds_in_cupy_and_types_its_calls():
     every call the engine makes (recorded on the stand-ins) is typed as CuPy types it at launch.
     Both mistakes found on an H200 on 2026-12-04 fail here: a specification read in the wrong order
     (CuPy: 'Syntax error: (double)x') and an output type that no input names (KeyError: 'T')."""
-    import os
-    try:
-        import cupy
-        from cupy._core import _kernel as cupy_kernel
-    except ImportError as e:
-        if os.environ.get(KERNEL_CHECK_ENV) == "1":
-            pytest.fail(f"{KERNEL_CHECK_ENV}=1 but CuPy does not import ({e}): pip install cupy-cuda13x")
-        pytest.skip("CuPy is not installed (pip install cupy-cuda13x runs this check without a GPU)")
+    cupy = _cupy_module()
+    from cupy._core import _kernel as cupy_kernel
     calls = _recorded_kernel_calls()
-    names = {name for name, _ in calls}
+    names = {name for name, _, _ in calls}
     every = set(kernels.ELEMENTWISE) | set(kernels.REDUCTIONS) | {f"channel_total_{t}" for t in kernels.TOTAL}
     assert names == every        # the episodes call every kernel there is, and no other
     saved = dict(kernels._compiled)
@@ -377,7 +401,7 @@ def test_every_kernel_builds_in_cupy_and_types_its_calls():
         kernels._compiled.clear()
         for name in sorted(every):
             kernels._kernel(name)          # CuPy parses the parameters here
-        for name, types in sorted(calls, key=str):
+        for name, types, _ in sorted(calls, key=str):
             k = kernels._kernel(name)
             if isinstance(k, cupy.ElementwiseKernel):
                 ins, outs = types[:k.nin], types[k.nin:]
@@ -387,3 +411,113 @@ def test_every_kernel_builds_in_cupy_and_types_its_calls():
     finally:
         kernels._compiled.clear()
         kernels._compiled.update(saved)
+
+
+def _cupy_source(kernel, types, ndims):
+    """The CUDA source CuPy generates for a launch of ``kernel`` (a cupy ElementwiseKernel or
+    ReductionKernel) with arguments of ``types`` (None: a scalar) and ranks ``ndims``, made by
+    CuPy's own code generators, which need no GPU. The ranks of the launch's arrays after CuPy
+    merges their axes are approximated (1 for an elementwise loop over arrays of one shape, 2
+    else; a reduction's as given): they change only the template arguments of CArray, not the
+    kernel's body, which is what this checks."""
+    import cupy
+    from cupy._core import _carray, _reduction, _scalar
+    from cupy._core import _kernel as ck
+    ndarray, scalar, indexer = 1, 3, 2            # CuPy's _ArgKind
+
+    def array(t, nd, contiguous):
+        return ck._ArgInfo(ndarray, cupy.ndarray, t, nd, contiguous, True)
+    if isinstance(kernel, cupy.ElementwiseKernel):
+        ins, outs = types[:kernel.nin], types[kernel.nin:]
+        in_t, out_t, type_map = kernel._decide_params_type(ins, outs)
+        shapes = {nd for p, nd in zip(kernel.params, ndims) if nd is not None and not p.raw}
+        loop = 1 if len(shapes) <= 1 else 2
+        infos = []
+        for p, t, given, nd in zip(kernel.params, in_t + out_t, types + (0,) * len(out_t),
+                                   ndims + (loop,) * len(out_t)):
+            if given is None:
+                infos.append(ck._ArgInfo(scalar, _scalar.CScalar, t, 0, True, True))
+            else:
+                infos.append(array(t, nd if p.raw else loop, p.raw or loop == 1))
+        infos.append(ck._ArgInfo(indexer, _carray.Indexer, None, loop, True, True))
+        return ck._get_elementwise_kernel_code(tuple(infos), type_map, kernel.params, kernel.operation,
+                                               kernel.name, kernel.preamble)
+    in_t, out_t, type_map = ck._decide_params_type(kernel.in_params, kernel.out_params, types, ())
+    # the reduction's index type, which CuPy adds to the type map at launch (32-bit: sizes < 2^31)
+    type_map = ck._TypeMap(type_map._pairs + (("IndexT", np.int32),))
+    nd_in = max(nd for nd in ndims if nd is not None)
+    infos = [ck._ArgInfo(scalar, _scalar.CScalar, t, 0, True, True) if given is None else array(t, nd_in, False)
+             for t, given in zip(in_t, types)]
+    infos += [array(t, nd_in - 1, True) for t in out_t]
+    infos += [ck._ArgInfo(indexer, _carray.Indexer, None, nd_in, True, True),
+              ck._ArgInfo(indexer, _carray.Indexer, None, nd_in - 1, True, True),
+              ck._ArgInfo(scalar, _scalar.CScalar, np.int32, 0, True, True)]
+    return _reduction._ReductionKernel_get_cached_function_code(
+        kernel.nin, kernel.nout, kernel._params, tuple(infos), type_map, kernel.name, 512,
+        kernel.reduce_type, kernel.identity, kernel.map_expr, kernel.reduce_expr, kernel.post_map_expr,
+        kernel.preamble, ())
+
+
+def _nvrtc(source, arch):
+    """Compile ``source`` as CuPy does (its headers prepended, its compiler options) with NVRTC for
+    ``arch`` ('sm_90': H100/H200); raises cupy's CompileException with NVRTC's log."""
+    from cupy._core import core
+    from cupy.cuda import compiler
+    head = "".join(f"#include <{h}>\n" for h in core._cupy_header_list)
+    options = core.assemble_cupy_compiler_options(()) + (f"-arch={arch}",)
+    compiler._NVRTCProgram(head + source, "kern.cu").compile(options)
+
+
+def test_every_kernel_compiles_as_cupy_would_for_hopper_and_ampere():
+    """NVRTC compiles the source CuPy generates for every kernel call the engine makes (both
+    dtypes; scalars and arrays as called), with CuPy's headers and options, for sm_90 (H100,
+    H200) and sm_80 (A100), on a machine without a GPU: a mistake in a kernel costs no GPU time."""
+    _cupy_module(nvrtc=True)
+    from concurrent.futures import ThreadPoolExecutor
+    sources = sorted({(name, _cupy_source(kernels._kernel(name), types, ndims))
+                      for name, types, ndims in _recorded_kernel_calls()})
+    jobs = [(name, src, arch) for name, src in sources for arch in ("sm_90", "sm_80")]
+
+    def compile_one(job):
+        name, src, arch = job
+        try:
+            _nvrtc(src, arch)
+        except Exception as e:
+            return f"{name} for {arch}: {e}"
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        failures = [f for f in pool.map(compile_one, jobs) if f]
+    assert not failures, "\n\n".join(failures)
+
+
+# Mistakes that a reviewer would plant, each of which a syntax check with g++ let through (or, the
+# last, refused although it is correct CUDA): (specification, argument types, compiles?)
+PLANTED = {
+    "writes to an input": (("T y, T mean", "T out", "y = y - mean; out = y;"), (np.float32,) * 2, False),
+    "a raw array used as a plain pointer": (("raw T dcols, int32 K", "T dx", "const T* row = dcols + i * K; dx = row[0];"),
+                                            (np.float32, None), False),
+    "std::sqrt in device code": (("T x", "T y", "y = std::sqrt(x);"), (np.float32,), False),
+    "a reduction's post-map reads an input": (("T x, T w", "T s", "(double)x", "a + b", "s = (T)(a * w)", "0"),
+                                              (np.float32, np.float32), False),
+    "a correct atomicAdd on an int64 counter": (("T v", "raw int64 counter, T y",
+                                                 "if (i == 0) atomicAdd(&counter[0], 1LL); y = v;"), (np.float32,), True),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(PLANTED))
+def test_the_compile_check_catches_planted_mistakes(mistake):
+    cupy = _cupy_module(nvrtc=True)
+    spec, types, compiles = PLANTED[mistake]
+    if len(spec) == 3:
+        kernel = cupy.ElementwiseKernel(*spec, "planted")
+        ndims = tuple(None if t is None else 1 for t in types)
+        if "counter" in spec[1]:                      # a raw output: the outputs are passed in
+            types, ndims = types + (np.int64, np.float32), ndims + (1, 1)
+    else:
+        kernel = cupy.ReductionKernel(*spec, "planted", reduce_type="double")
+        ndims = (2,) * len(types)
+    source = _cupy_source(kernel, types, ndims)
+    if compiles:
+        _nvrtc(source, "sm_90")
+    else:
+        with pytest.raises(cupy.cuda.compiler.CompileException):
+            _nvrtc(source, "sm_90")
