@@ -118,6 +118,21 @@ def parser():
     return p
 
 
+def given_flags(argv=None):
+    """{dest: flag} of the flags that ``argv`` (default: sys.argv) sets, whatever their values."""
+    p = parser()
+    flags = {}
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+        flags[action.dest] = max(action.option_strings, key=len, default=action.dest)
+    return {dest: flags[dest] for dest in vars(p.parse_args(argv))}
+
+
+# what --resume lets change: the trainer's RESUME_OVERRIDES (how long, on what, where the data
+# are), and how the run is shown
+RESUME_FLAGS = {"resume", *trainer.RESUME_OVERRIDES, "no_progress", "require_gpu"}
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     progress = not args.no_progress
@@ -182,7 +197,15 @@ def main(argv=None):
         print(f"wrote {dest}")
         return 0
     if args.resume:
-        overrides = {k: getattr(args, k) for k in trainer.RESUME_OVERRIDES if getattr(args, k) is not None}
+        given = given_flags(argv)
+        changed = sorted(flag for dest, flag in given.items() if dest not in RESUME_FLAGS)
+        if changed:
+            names = ", ".join(changed)
+            allowed = ", ".join("--" + name for name in trainer.RESUME_OVERRIDES)
+            raise sp.UserError(f"a resumed run keeps its settings (its config.json): {names} cannot "
+                               f"change on --resume; only {allowed} can")
+        given |= {"device": "--device"} if args.require_gpu else {}
+        overrides = {k: getattr(args, k) for k in trainer.RESUME_OVERRIDES if k in given}
         trainer.train(resume=args.resume, overrides=overrides, progress=progress)
         return 0
     if args.trainval:

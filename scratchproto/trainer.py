@@ -220,7 +220,7 @@ def _read_trace(path, upto, log):
     return [r for r in records if r["epoch"] <= upto]
 
 
-RESUME_OVERRIDES = ("epochs", "patience", "device")
+RESUME_OVERRIDES = ("epochs", "patience", "device", "data", "mirror")   # how long, and where: not what
 
 
 def train(cfg=None, out=None, resume=None, overrides=None, progress=True, log=print):

@@ -114,6 +114,18 @@ def test_gpu_request_without_gpu_warns_once_and_falls_back(capsys):
         backend.get_xp("tpu")
 
 
+def test_resume_refuses_a_changed_setting_naming_it(tmp_path):
+    """--resume keeps the run's settings: a flag that would change one is an error, not ignored
+    (before any run folder is even looked at); --epochs, --patience, --device and where the data
+    are may change."""
+    p = run("--resume", str(tmp_path / "nowhere"), "--lr", "0.01", "--train-way", "20", "--no-rotations")
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "error: a resumed run keeps its settings (its config.json): --lr, --no-rotations, --train-way "
+        "cannot change on --resume; only --epochs, --patience, --device, --data, --mirror can"), p.stderr
+    p = run("--resume", str(tmp_path / "nowhere"), "--epochs", "9", "--patience", "3", "--device", "cpu")
+    assert p.returncode == 2 and "is not a run folder to resume" in p.stderr, p.stderr
+
+
 def test_a_missing_gpu_is_named_and_can_be_made_an_error(monkeypatch, tmp_path):
     from scratchproto import backend
     if backend._cupy_or_reason()[0] is not None:

@@ -74,7 +74,7 @@ def test_interrupted_and_resumed_run_gives_the_same_trace(omniglot, tmp_path, mo
 
 def test_resume_refuses_other_settings(omniglot, tmp_path):
     trainer.train(tiny(omniglot, epochs=1), out=tmp_path / "r", progress=False, log=lambda *a: None)
-    with pytest.raises(sp.UserError, match="only epochs, patience, device may change"):
+    with pytest.raises(sp.UserError, match="only epochs, patience, device, data, mirror may change"):
         trainer.train(resume=tmp_path / "r", overrides={"lr": 0.5}, progress=False)
     with pytest.raises(sp.UserError, match="is not a run folder to resume"):
         trainer.train(resume=tmp_path / "nothing", progress=False)
