@@ -104,8 +104,9 @@ def parser():
     e.add_argument("--lake", action="store_true",
                    help="Lake et al.'s one-shot benchmark instead of episodes: the 20 runs of 20-way "
                         "within-alphabet one-shot classification, against people's 4.5%% error "
-                        "(all_runs.zip, downloaded into --data like the Omniglot files; default "
-                        "output eval_lake.json)")
+                        "(all_runs.zip, downloaded into --data like the Omniglot files, or from "
+                        "--mirror: a folder or URL holding all_runs.zip, not the Omniglot mirror; "
+                        "default output eval_lake.json)")
     e.add_argument("--eval-out", metavar="JSON", help="where to write the results (default: eval.json beside the "
                                                      "checkpoint, eval_lake.json with --lake)")
 

@@ -12,6 +12,7 @@ import argparse
 import os
 import pathlib
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,19 @@ REF = HERE.parents[1] / "shared" / "reference" / "torch_protonet.py"
 def run(cmd, env=None):
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return float(re.search(r"sec/episode=([0-9.]+)", out).group(1)), out.strip().splitlines()[0]
+
+
+MAKE_TORCH = "python -m venv ../torchref && ../torchref/bin/pip install torch==2.13.0 numpy"
+
+
+def need_torch(python, reference):
+    """Stop with one line, saying how to make it, where the PyTorch side cannot run."""
+    if shutil.which(python) is None:
+        sys.exit(f"error: --torch-python {python} is not there; make a PyTorch environment with: {MAKE_TORCH}")
+    if subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0:
+        sys.exit(f"error: {python} cannot import torch; make a PyTorch environment with: {MAKE_TORCH}")
+    if not pathlib.Path(reference).is_file():
+        sys.exit(f"error: no PyTorch reference at {reference} (--reference: the path of torch_protonet.py)")
 
 
 def main():
@@ -40,6 +54,7 @@ def main():
     p.add_argument("--torch-fp32", action="store_true",
                    help="PyTorch without TF32 (NVIDIA_TF32_OVERRIDE=0); its default uses TF32 in cuDNN")
     a = p.parse_args()
+    need_torch(a.torch_python, a.reference)
     shape = ["--backbone", a.backbone, "--way", str(a.way), "--shot", str(a.shot), "--query", str(a.query),
              "--episodes", str(a.episodes)]
     ours_cmd = [sys.executable, str(HERE / "episode.py"), *shape, "--device", a.device, "--no-layers"]

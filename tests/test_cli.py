@@ -189,3 +189,15 @@ def test_tf32_is_off_unless_asked_for_and_warns_on_the_cpu(monkeypatch, capsys):
     capsys.readouterr()
     assert backend.get_xp("cpu") is np
     assert capsys.readouterr().err.strip() == "warning: --tf32 has no effect on the CPU: NumPy computes in plain float32"
+
+
+def test_compare_without_pytorch_says_how_to_make_it(tmp_path):
+    for python, says in ((str(tmp_path / "no-python"), "is not there"), (sys.executable, "cannot import torch")):
+        p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare.py"), "--torch-python", python],
+                           capture_output=True, text=True, cwd=REPO)
+        if says == "cannot import torch" and importlib.util.find_spec("torch") is not None:
+            continue                        # this Python has torch: nothing to refuse
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert p.stderr.startswith(f"error: --torch-python {python} {says}" if says == "is not there"
+                                   else f"error: {python} {says}"), p.stderr
+        assert p.stderr.strip().endswith("../torchref/bin/pip install torch==2.13.0 numpy")
