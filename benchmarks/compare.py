@@ -73,7 +73,7 @@ def main():
     paired = statistics.median(o / r for o, r in zip(ours, ref))
     print(f"median sec/episode: scratchproto {mo:.4f}  pytorch {mr:.4f}  ratio {mo / mr:.2f}  "
           f"(median of the {a.rounds} per-round ratios: {paired:.2f})")
-    # how far the rounds stray from their median (the CPU issue asks for every round within 15%)
+    # how far the rounds stray from their median (the CPU target asks for every round within 15%)
     spread = lambda xs, m: max(abs(x - m) for x in xs) / m      # noqa: E731
     print(f"largest deviation of a round from the median: scratchproto {100 * spread(ours, mo):.0f}%  "
           f"pytorch {100 * spread(ref, mr):.0f}%")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One sitting on a GPU machine (the GPU issue's plan), in order, inside a time budget:
+# One sitting on a lent GPU machine, in order, inside a time budget:
 #   1. versions, and a TF32 self-check (CuPy's float32 product with TF32 off and on, against float64);
 #   2. each CUDA kernel against its NumPy twin, and the kernels end to end; if these fail, everything
 #      below runs on the twins (SCRATCHPROTO_KERNELS=0; else the ConvNet's comparison once without
@@ -16,7 +16,7 @@
 #      (--standard, 1000 episodes per setting) and its figures;
 #   5. the CuPy variants of the tests (FP32: TF32 stays off in them; pytest-xdist if installed);
 #   6. one short ConvNet training in FP32 and in TF32 (finite, falling loss).
-# The log ends with the RESULT lines the GPU issue asks for. Everything worth keeping is packed into
+# The log ends with three RESULT lines (the GPU targets: benchmarks/README.md). Everything worth keeping is packed into
 # $OUT/gpu.tar (one returned file; the ResNet-18 checkpoints stay behind: 134 MB each).
 # Needs CuPy and torch (with CUDA) in $PY, the Omniglot files in data/omniglot or a mirror in
 # $SCRATCHPROTO_MIRROR, and the PyTorch reference at $REF.
@@ -45,7 +45,7 @@ compare() {   # compare.py with its arguments; prints its lines and keeps the su
     --device gpu --way 60 --shot 5 --query 5 --episodes 10 --rounds 3 "$@" | tee "$OUT/last_compare"
 }
 result() {    # RESULT <backbone> <mode> scratchproto <s> <torch label> <s> ratio <r>, from the last compare
-  # (a fourth argument replaces the word RESULT: lines that are not the GPU issue's three)
+  # (a fourth argument replaces the word RESULT: lines that are not the three RESULT lines)
   awk -v b="$1" -v m="$2" -v t="$3" -v w="${4:-RESULT}" '/median sec\/episode/ {
     printf "%s %s %s scratchproto %s %s %s ratio %s\n", w, b, m, $4, t, $6, $8 }' "$OUT/last_compare" >> "$OUT/results"
 }

@@ -7,7 +7,7 @@ backbone on one batch, fast.THREADS = 1 against the default, median seconds and 
 
 Run it as is: scratchproto is imported before NumPy, so OpenBLAS runs on one thread and ours deal
 out the work (see docs/engine.md); `--spinning` gives OpenBLAS every core with its default thread
-timeout instead (its idle threads spin: the arrangement before session 7).
+timeout instead (its idle threads spin: the arrangement before 2026-11-27).
 """
 import argparse
 import os

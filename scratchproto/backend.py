@@ -37,7 +37,7 @@ def keep_freed_memory():
     is page-faulted in anew, which costs about as much as a pass over it. Raising the mmap and
     trim thresholds lets those blocks be recycled. It also keeps every thread on the one main
     heap (arena): a second thread otherwise gets a heap of its own, which glibc shrinks whenever
-    its top is freed: in a pass timed alone (session 7), fast.py's worker thread page-faulted its
+    its top is freed: in a pass timed alone (2026-11-27), fast.py's worker thread page-faulted its
     1 MB temporaries in anew on every call and two threads were slower than one. Linux/glibc
     only; a no-op elsewhere, or when SCRATCHPROTO_NO_MALLOPT is set. Returns whether it took effect.
     """

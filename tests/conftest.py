@@ -3,7 +3,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 # scratchproto before NumPy, as run.py and the benchmarks do: OpenBLAS on one thread and our
 # threads dealing out the work. Besides testing the default arrangement, it keeps the suite's
 # speed when another process holds a core: two-thread OpenBLAS then waits for its descheduled
-# half, up to 50 times slower on small products (benchmarks/README.md, session 10).
+# half, up to 50 times slower on small products (benchmarks/README.md, measured on 2026-11-28).
 import scratchproto  # noqa: E402,F401
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The GPU path's launch budget (issue 13), counted on the CPU: benchmarks/launches.py runs one
+"""The GPU path's launch budget, counted on the CPU: benchmarks/launches.py runs one
 training episode on NumPy arrays that count every array operation (on a GPU, a kernel launch each),
 with kernels.py's kernels replaced by their twins, one launch per call."""
 import importlib.util
@@ -50,7 +50,7 @@ def test_counting_restores_the_library():
 @pytest.mark.parametrize("backbone,way,budget", [("convnet", 60, 150), ("resnet18", 5, 530)])
 def test_a_training_episode_stays_in_the_launch_budget(backbone, way, budget):
     """One 5-shot 5-query training episode (forward, loss, NC metrics, backward, Adam step) on the
-    kernel path: at most 150 operations for the ConvNet, 530 for ResNet-18 (the issue's budgets
+    kernel path: at most 150 operations for the ConvNet, 530 for ResNet-18 (the GPU targets' budgets
     were 150 and 500; each launch costs ~10 us of host time on a GPU, the ConvNet's whole PyTorch
     episode ~5 ms). ResNet-18's 500 became 530 when each per-channel sum took a second launch
     (kernels.REDUCTIONS: 80 of them in a ResNet-18 episode, ~5 us each, where one launch had cost

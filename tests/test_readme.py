@@ -38,3 +38,29 @@ def test_the_tracked_tree_leaves_room_to_carry_omniglot_to_a_gpu():
     total = sum(sizes.values()) / 2 ** 20
     largest = sorted(sizes, key=sizes.get)[-3:]
     assert total < 44, f"tracked files take {total:.1f} MiB; the largest: {largest}"
+
+
+def test_the_repository_speaks_of_the_project_alone():
+    """No text names a numbered stretch of the project's development or a tracker item, which a
+    reader cannot open: dates, commits, commands and run names instead. (Raw logs are outputs
+    and are left as they were printed.)"""
+    import subprocess
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        import pytest
+        pytest.skip("not a git checkout")
+    ordinal = r"(?:first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|eleventh|twelfth|\d+(?:st|nd|rd|th))"
+    pattern = re.compile(r"\b(?:sessions?|sprints?|issues?|tickets?)\s+#?\d+|\b" + ordinal + r"\s+session\b"
+                         r"|\b(?:the|this|that)\s+[\w-]+\s+issue\b|\bissue's\b", re.IGNORECASE)
+    found = []
+    for name in listed.decode().split("\0"):
+        if not name.endswith((".md", ".py", ".sh", ".cfg", ".toml", ".txt")) or name == "tests/test_readme.py":
+            continue
+        path = REPO / name
+        if not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if pattern.search(line):
+                found.append(f"{name}:{number}: {line.strip()[:100]}")
+    assert not found, "\n".join(found)

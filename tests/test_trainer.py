@@ -105,7 +105,7 @@ def test_divergence_stops_with_a_clear_message(omniglot, tmp_path, monkeypatch):
 
 def test_episodes_are_read_one_late():
     """finished_episodes gives episode i+1 to the device (and steps Adam) before it reads episode
-    i, so that a GPU always has work while Python reads numbers (issue 13, step 5)."""
+    i, so that a GPU always has work while Python reads numbers."""
     events = []
 
     class Spy:          # a model and its optimiser, logging what they are asked to do
