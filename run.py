@@ -12,7 +12,6 @@
 """
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import signal
@@ -182,8 +181,7 @@ def main(argv=None):
             out = lake.evaluate(args.eval, device=args.device or D.device, data=args.data,
                                 mirror=args.mirror, progress=progress)
             print("\n".join(lake.format_result(out)))
-            files.atomic_write(dest, json.dumps(out, indent=2) + "\n")
-            print(f"wrote {dest}")
+            trainer.save_evaluation(out, dest)
             return 0
         out = trainer.evaluate(args.eval, settings, split=args.split, query=args.query, n=args.episodes,
                                device=args.device or D.device, data=args.data, mirror=args.mirror,
@@ -194,8 +192,7 @@ def main(argv=None):
                   f"nc1 {sp.plots.fmt(r['nc1_support'])}/{sp.plots.fmt(r['nc1_query'])}  "
                   f"nc2 {r['nc2_support']:.3f}/{r['nc2_query']:.3f}"
                   f"  (support/query)")
-        files.atomic_write(dest, json.dumps(out, indent=2) + "\n")
-        print(f"wrote {dest}")
+        trainer.save_evaluation(out, dest)
         return 0
     if args.resume:
         given = given_flags(argv)

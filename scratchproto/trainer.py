@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import pathlib
 import platform
 import time
@@ -356,6 +357,45 @@ def _train(cfg, run_dir, saved, progress, log):
         f"loss {best:.4f}")
     plots.plot_run(run_dir)
     return run_dir
+
+
+SIGNIFICANT = 10   # digits of a float in an evaluation's JSON (below: why not all 17)
+
+
+def evaluation_json(out, dest):
+    """The text of evaluation ``out`` (evaluate's or lake.evaluate's) to be written at ``dest``.
+
+    So that re-running an evaluation writes the same bytes, wherever it is run from and on any
+    machine: the checkpoint is named relative to the file's folder (beside it: just its name),
+    and every float is rounded to 10 significant digits. Accuracies and losses come out the same
+    to the last bit on every re-run; the NC metrics' last one or two bits depend on how their
+    sums are ordered, which changes with the code, not with the model."""
+    def rounded(x):
+        if isinstance(x, float):
+            return float(f"{x:.{SIGNIFICANT}g}")
+        if isinstance(x, dict):
+            return {k: rounded(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rounded(v) for v in x]
+        return x
+    ckpt = pathlib.Path(out["checkpoint"]).resolve()
+    where = pathlib.Path(os.path.relpath(ckpt, pathlib.Path(dest).resolve().parent)).as_posix()
+    return json.dumps(rounded({**out, "checkpoint": where}), indent=2) + "\n"
+
+
+def save_evaluation(out, dest, log=print):
+    """Write evaluation ``out`` to ``dest`` (evaluation_json); say so, and say when it replaced a
+    file that held other numbers (re-running a committed evaluation is a check: 'unchanged')."""
+    dest = pathlib.Path(dest)
+    text = evaluation_json(out, dest)
+    before = dest.read_text() if dest.is_file() else None
+    files.atomic_write(dest, text)
+    if before is None:
+        log(f"wrote {dest}")
+    elif before == text:
+        log(f"wrote {dest} (unchanged: the same numbers as the file it replaced)")
+    else:
+        log(f"wrote {dest}, replacing a file that held other numbers (git diff shows them, if it is tracked)")
 
 
 def summary(record):

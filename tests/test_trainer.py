@@ -270,3 +270,40 @@ def test_one_shot_run_records_the_within_class_support_metrics_as_undefined(omni
             assert record[part]["nc1_query"] > 0 and record[part]["nc2_support"] > 0
     assert any("nc1 n/a/" in line for line in lines)
     assert (run / "nc_train.png").exists() and (run / "nc_val.png").exists()
+
+
+def test_an_evaluation_file_is_the_same_wherever_and_whenever_it_is_written(tmp_path):
+    """evaluation_json names the checkpoint relative to the file's folder and rounds floats to
+    10 significant digits, so a re-run of a committed evaluation writes the same bytes;
+    save_evaluation says whether it replaced other numbers."""
+    out = {"checkpoint": str(tmp_path / "run" / "best.npz"), "epoch": 3, "results": [
+        {"acc": 0.97870666666667231, "nc1_support": None, "loss": 0.0993620164372444}]}
+    dest = tmp_path / "run" / "eval.json"
+    dest.parent.mkdir()
+    text = trainer.evaluation_json(out, dest)
+    saved = json.loads(text)
+    assert saved["checkpoint"] == "best.npz" and saved["epoch"] == 3
+    assert saved["results"][0] == {"acc": 0.9787066667, "nc1_support": None, "loss": 0.09936201644}
+    # the last bits of a float, which another order of the same sums changes, do not show
+    nudged = {**out, "results": [{**out["results"][0], "loss": 0.0993620164372444 * (1 + 4e-16)}]}
+    assert trainer.evaluation_json(nudged, dest) == text
+    assert json.loads(trainer.evaluation_json(out, tmp_path / "elsewhere.json"))["checkpoint"] == "run/best.npz"
+    lines = []
+    trainer.save_evaluation(out, dest, log=lines.append)
+    trainer.save_evaluation(nudged, dest, log=lines.append)
+    trainer.save_evaluation({**out, "epoch": 4}, dest, log=lines.append)
+    assert lines == [f"wrote {dest}", f"wrote {dest} (unchanged: the same numbers as the file it replaced)",
+                     f"wrote {dest}, replacing a file that held other numbers (git diff shows them, if it is tracked)"]
+    assert json.loads(dest.read_text())["epoch"] == 4
+
+
+def test_the_committed_evaluations_are_in_the_written_form():
+    """Every committed eval*.json is what evaluation_json writes for its own numbers: a re-run of
+    its command (results/README.md) that computes the same numbers leaves it byte for byte."""
+    from helpers import REPO
+    paths = sorted((REPO / "results").rglob("eval*.json"))
+    assert len(paths) >= 18
+    for path in paths:
+        out = json.loads(path.read_text())
+        out["checkpoint"] = str(path.parent / out["checkpoint"])
+        assert trainer.evaluation_json(out, path) == path.read_text(), path
