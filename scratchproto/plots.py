@@ -58,6 +58,12 @@ def _log_if_wide(ax, values):
         ax.set_yscale("log")
 
 
+def _whole_epochs(ax):
+    """Epoch ticks at whole numbers (a short run would otherwise get 1.0, 1.5, 2.0, ...)."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_run(run_dir, title=None):
     """Write curves.png, nc_train.png and (with validation) nc_val.png into ``run_dir``."""
     import matplotlib
@@ -83,6 +89,7 @@ def plot_run(run_dir, title=None):
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
+        _whole_epochs(ax)
     axes[0].set_title("error")
     axes[1].set_title("loss")
     fig.suptitle(f"{title}: error and loss")
@@ -102,17 +109,19 @@ def plot_run(run_dir, title=None):
             else:
                 axes[0].plot(epochs, nc1, color=color, label=side)
             axes[1].plot(epochs, [r[part][f"nc2_{side}"] for r in records], color=color,
-                         label=f"nc2 {side}")
+                         label=f"NC2, {side}")
             axes[1].plot(epochs, [r[part][f"nc2_unit_{side}"] for r in records], color=color,
-                         linestyle="--", label=f"nc2_unit {side}")
+                         linestyle="--", label=f"NC2 of features scaled to unit norm, {side}")
         _log_if_wide(axes[0], [r[part][f"nc1_{s}"] for r in records for s in ("support", "query")])
-        axes[0].set_title(nc1_title, fontsize=10 if "\n" in nc1_title else None)
-        axes[1].set_title("NC2: distance of class means from a simplex ETF")
-        for ax, name in zip(axes, ("nc1", "nc2")):
+        size = 10 if "\n" in nc1_title else None         # the two panels' titles alike
+        axes[0].set_title(nc1_title, fontsize=size)
+        axes[1].set_title("NC2: distance of class means from a simplex ETF", fontsize=size)
+        for ax, name in zip(axes, ("NC1", "NC2")):
             ax.set_xlabel("epoch")
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
-            ax.legend()
+            ax.legend(fontsize=8)
+            _whole_epochs(ax)
         word = "training" if part == "train" else "validation"
         fig.suptitle(f"{title}: neural collapse on {word} episodes")
         fig.tight_layout()
@@ -268,8 +277,12 @@ def plot_lake(paths, out=None):
     width = 0.8 / len(results)
     for i, (path, r) in enumerate(zip(paths, results)):
         x = [j + (i - (len(results) - 1) / 2) * width for j in range(len(runs))]
-        ax.bar(x, [100 * row["error"] for row in r["runs"]], width,
-               label=f"{lake_label(path)}: mean {100 * r['mean_error']:.2f}%")
+        errors = [100 * row["error"] for row in r["runs"]]
+        bars = ax.bar(x, errors, width, label=f"{lake_label(path)}: mean {100 * r['mean_error']:.2f}%")
+        # a run without a single error would be a bar of no height, which reads as a missing one
+        zero = [xj for xj, e in zip(x, errors) if e == 0]
+        ax.scatter(zero, [0] * len(zero), marker="_", s=120, linewidths=2.5,
+                   color=bars.patches[0].get_facecolor(), zorder=3, clip_on=False)
     seen = [j for j, row in enumerate(results[0]["runs"]) if any(r["runs"][j]["seen_in_training"] for r in results)]
     for j in seen:
         ax.axvspan(j - 0.45, j + 0.45, color="0.9", zorder=0)
@@ -279,7 +292,7 @@ def plot_lake(paths, out=None):
             ax.axhline(err, color="0.3", linestyle=next(styles), linewidth=1, label=f"{name}: {err}%")
     ax.set_xticks(range(len(runs)))
     ax.set_xticklabels([r[3:] for r in runs])
-    ax.set_xlabel("run (shaded: characters some of the models trained on)")
+    ax.set_xlabel("run (shaded: characters some of the models trained on; a dash on the axis: no error)")
     ax.set_ylabel("error (%)")
     ax.set_title("Lake et al.'s one-shot benchmark: 20-way within-alphabet one-shot classification")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -18,6 +18,7 @@ import math
 import os
 import pathlib
 import platform
+import statistics
 import time
 
 import numpy as np
@@ -316,6 +317,8 @@ def _train(cfg, run_dir, saved, progress, log):
 
     validate = cfg.splits[1] is not None
     log(f"{cfg.backbone} ({net.num_parameters():,} parameters) on {where}; run folder {run_dir}")
+    seconds = []                         # this process's epochs, for the time left
+    figures = FiguresDuringTraining(run_dir, log)
     try:
         while epoch < cfg.epochs and bad < cfg.patience:
             e = epoch + 1
@@ -333,18 +336,20 @@ def _train(cfg, run_dir, saved, progress, log):
             # if a write fails, what was saved before stays intact and the run continues from it
             hint = (f"fix that, then continue with: python run.py --resume {run_dir} (last.npz "
                     f"holds epoch {epoch})" if epoch else "fix that and start the run again")
-            files.append_line(trace_path, json.dumps(record), hint)
             watched = record["val" if validate else "train"]["loss"]
-            if watched < best:
-                best, bad = watched, 0
+            improved = watched < best
+            best, bad = (watched, 0) if improved else (best, bad + 1)
+            seconds.append(record["seconds"])
+            record["progress"] = run_progress(cfg, e, best, bad, seconds)
+            files.append_line(trace_path, json.dumps(record), hint)
+            if improved:
                 checkpoint.save(run_dir / "best.npz", net, opt, hint, epoch=e, best_loss=best,
                                 bad_epochs=0, seed=cfg.seed, train_split=cfg.train_split)
-            else:
-                bad += 1
             checkpoint.save(run_dir / "last.npz", net, opt, hint, epoch=e, best_loss=best,
                             bad_epochs=bad, seed=cfg.seed, train_split=cfg.train_split)
             epoch = e
-            log(summary(record) + (" *" if bad == 0 else ""))
+            log(summary(record, validate) + (" *" if improved else ""))
+            figures.after_epoch(e, record["seconds"])
     except KeyboardInterrupt:
         log(f"\ninterrupted in epoch {epoch + 1}; {run_dir / 'last.npz'} holds epoch {epoch}. "
             f"Continue with: python run.py --resume {run_dir}")
@@ -398,16 +403,63 @@ def save_evaluation(out, dest, log=print):
         log(f"wrote {dest}, replacing a file that held other numbers (git diff shows them, if it is tracked)")
 
 
-def summary(record):
-    """One line per epoch, e.g. 'epoch 3 lr 1e-03 | train loss 0.512 acc 0.861 nc1 ...'."""
-    parts = [f"epoch {record['epoch']:>4} lr {record['lr']:.0e} {record['seconds']:5.1f}s"]
+def run_progress(cfg, epoch, best, bad, seconds):
+    """Where a run stands after ``epoch``: the best watched loss and its epoch, the patience left,
+    and the most epochs (and seconds, at this process's median epoch) before the run must end,
+    by the epoch limit or the patience rule, whichever comes first."""
+    left = min(cfg.epochs - epoch, cfg.patience - bad)
+    return {"of_epochs": cfg.epochs, "best_loss": best, "best_epoch": epoch - bad,
+            "patience_left": cfg.patience - bad, "epochs_left_at_most": left,
+            "seconds_left_at_most": left * statistics.median(seconds)}
+
+
+def _duration(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def summary(record, validate=True):
+    """One line per epoch, e.g. 'epoch 3/150 lr 1e-03 | train loss 0.512 acc 0.861 nc1 ... |
+    best val 0.0968 (epoch 3), patience 200 left, at most 147 epochs (2.1 h) to go'."""
+    progress = record.get("progress")
+    of = f"/{progress['of_epochs']}" if progress else ""
+    parts = [f"epoch {record['epoch']:>4}{of} lr {record['lr']:.0e} {record['seconds']:5.1f}s"]
     for part in ("train", "val"):
         if part in record:
             r = record[part]
             parts.append(f"{part} loss {r['loss']:.4f} acc {r['acc']:.4f} "
                          f"nc1 {plots.fmt(r['nc1_support'])}/{plots.fmt(r['nc1_query'])} "
                          f"nc2 {r['nc2_support']:.3f}/{r['nc2_query']:.3f}")
+    if progress:
+        parts.append(f"best {'val' if validate else 'train'} {progress['best_loss']:.4f} (epoch "
+                     f"{progress['best_epoch']}), patience {progress['patience_left']} left, at most "
+                     f"{progress['epochs_left_at_most']} epochs ({_duration(progress['seconds_left_at_most'])}) to go")
     return " | ".join(parts)
+
+
+class FiguresDuringTraining:
+    """Redraws a run's figures while it trains, so that its folder always shows where it stands:
+    after the first epoch, then whenever the epochs since the last drawing took at least 20 times
+    as long as drawing did (so drawing costs at most 5% of the training time). A drawing that
+    fails warns once and training goes on: the figures are redrawn at the end, or with --plot."""
+
+    def __init__(self, run_dir, log, draw=None, clock=time.perf_counter):
+        self.run_dir, self.log, self.clock = run_dir, log, clock
+        self.draw = draw or plots.plot_run
+        self.cost, self.since, self.warned = 0.0, 0.0, False
+
+    def after_epoch(self, epoch, seconds):
+        self.since += seconds
+        if epoch > 1 and self.since < 20 * self.cost:
+            return
+        t = self.clock()
+        try:
+            self.draw(self.run_dir)
+        except Exception as e:       # a figure is never worth a training run
+            if not self.warned:
+                self.log(f"warning: the figures could not be redrawn during training ({type(e).__name__}: {e}); "
+                         f"they are drawn at the end, or with --plot")
+                self.warned = True
+        self.cost, self.since = self.clock() - t, 0.0
 
 
 STANDARD = [(5, 1), (5, 5), (20, 1), (20, 5)]

@@ -33,10 +33,13 @@ def http_mirror(folder):
 
 
 def trace_without_seconds(run_dir):
-    """A run's trace.jsonl records without the wall-clock seconds, which differ from run to run."""
+    """A run's trace.jsonl records without the wall-clock seconds, which differ from run to run, and
+    without the run's progress (time left, epochs left), which depends on the epoch limit of the
+    start that wrote each line: the results alone."""
     out = []
     for line in (pathlib.Path(run_dir) / "trace.jsonl").read_text().splitlines():
         r = json.loads(line)
         r.pop("seconds")
+        r.pop("progress", None)
         out.append(r)
     return out

@@ -1,5 +1,6 @@
 """Training, resuming, divergence, evaluation and figures, on a tiny configuration."""
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -27,9 +28,15 @@ def test_short_run_produces_every_file(omniglot, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["train_way"] == 5 and config["device"] == "cpu"
     assert config["versions"]["numpy"] == np.__version__ and config["parameters"] > 0
-    records = trace_without_seconds(run)
+    records = [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
-    assert set(records[0]) == {"epoch", "lr", "train", "val"}
+    assert set(records[0]) == {"epoch", "lr", "train", "val", "progress", "seconds"}
+    # where the run stands: tiny() trains 2 epochs with the default patience of 200
+    best = min(records, key=lambda r: r["val"]["loss"])
+    assert records[-1]["progress"] == {"of_epochs": 2, "best_loss": best["val"]["loss"],
+                                       "best_epoch": best["epoch"], "patience_left": 200 - (2 - best["epoch"]),
+                                       "epochs_left_at_most": 0, "seconds_left_at_most": 0}
+    assert records[0]["progress"]["epochs_left_at_most"] == 1
     for part in ("train", "val"):
         assert set(records[0][part]) == set(trainer.metric_keys())
         assert all(np.isfinite(v) for v in records[0][part].values())
@@ -301,9 +308,35 @@ def test_the_committed_evaluations_are_in_the_written_form():
     """Every committed eval*.json is what evaluation_json writes for its own numbers: a re-run of
     its command (results/README.md) that computes the same numbers leaves it byte for byte."""
     from helpers import REPO
-    paths = sorted((REPO / "results").rglob("eval*.json"))
-    assert len(paths) >= 18
+    paths = [p for p in sorted((REPO / "results").rglob("*.json")) if p.name != "config.json"]
+    assert len(paths) >= 21
     for path in paths:
         out = json.loads(path.read_text())
+        assert not pathlib.Path(out["checkpoint"]).is_absolute()
         out["checkpoint"] = str(path.parent / out["checkpoint"])
         assert trainer.evaluation_json(out, path) == path.read_text(), path
+
+
+def test_figures_are_redrawn_during_training_at_a_bounded_cost():
+    """After the first epoch, then once the epochs since took 20 times as long as drawing; a
+    drawing that fails warns once and training goes on."""
+    now = [0.0]
+    drawn = []
+
+    def draw(run_dir):            # drawing takes 2 s of the fake clock
+        drawn.append(epoch)
+        now[0] += 2.0
+    figures = trainer.FiguresDuringTraining("run", log=None, draw=draw, clock=lambda: now[0])
+    for epoch in range(1, 12):
+        figures.after_epoch(epoch, 10.0)        # 10 s epochs: a drawing every 4 epochs (40 s >= 20 x 2 s)
+    assert drawn == [1, 5, 9]
+
+    lines = []
+
+    def broken(run_dir):
+        raise OSError("disk full")
+    figures = trainer.FiguresDuringTraining("run", log=lines.append, draw=broken, clock=lambda: 0.0)
+    for epoch in range(1, 4):
+        figures.after_epoch(epoch, 10.0)
+    assert lines == ["warning: the figures could not be redrawn during training (OSError: disk full); "
+                     "they are drawn at the end, or with --plot"]
