@@ -414,6 +414,8 @@ def run_progress(cfg, epoch, best, bad, seconds):
 
 
 def _duration(seconds):
+    if seconds < 90:
+        return f"{seconds:.0f} s"
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
