@@ -169,6 +169,13 @@ def main(argv=None):
     if args.plot:
         for path in sp.plots.plot_run(args.plot):
             print(f"wrote {path}")
+        try:
+            path = trainer.episode_geometry(args.plot, progress=progress)
+        except (sp.DataError, files.FileError) as e:    # the other figures stand without it
+            print(f"episode_geometry.png not drawn: {e}")
+        else:
+            if path is not None:
+                print(f"wrote {path}")
         return 0
     if args.lake and (not args.eval or args.standard):
         raise sp.UserError("--lake goes with --eval CKPT, and in place of --standard")

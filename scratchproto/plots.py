@@ -15,6 +15,8 @@ import os
 import pathlib
 import sys
 
+import numpy as np
+
 from . import files
 from .errors import UserError
 
@@ -134,6 +136,46 @@ def plot_run(run_dir, title=None):
 # nc1 and nc2 as the paper asks; cdnv beside them because it needs no pseudo-inverse of the
 # between-class covariance, whose conditioning changes with the width (d against N - 1)
 SWEEP_METRICS = ("nc1", "nc2", "cdnv")
+
+
+def class_mean_plane(z, way, shot):
+    """Coordinates (B, 2) of features z (B, d), support rows first (class-major), on the plane
+    through the support's class means that spreads them most: the top two principal directions of
+    the means (way, d), about their centre."""
+    means = z[:way * shot].reshape(way, shot, -1).mean(axis=1)
+    centre = means.mean(axis=0)
+    _, _, vt = np.linalg.svd(means - centre, full_matrices=False)
+    return (z - centre) @ vt[:2].T
+
+
+def plot_geometry(run_dir, features, way, shot, query, episode):
+    """episode_geometry.png: one panel per (name, features (way*(shot+query), d)) of the same
+    episode, each on the plane of its own class means (class_mean_plane): support images as
+    circles, query images as crosses, class means as stars, one colour per class. Neural collapse
+    shows as tight, equally spaced clusters. Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(features), figsize=(4.2 * len(features), 4.2), squeeze=False)
+    for ax, (name, z) in zip(axes[0], features):
+        xy = class_mean_plane(np.asarray(z, dtype=np.float64), way, shot)
+        support, queries = xy[:way * shot].reshape(way, shot, 2), xy[way * shot:].reshape(way, query, 2)
+        for k in range(way):
+            color = f"C{k}"
+            ax.scatter(*queries[k].T, marker="x", s=14, color=color, alpha=0.6)
+            ax.scatter(*support[k].T, marker="o", s=22, color=color, edgecolors="none")
+            ax.scatter(*support[k].mean(axis=0), marker="*", s=220, color=color, edgecolors="black", linewidths=0.8)
+        ax.set_title(name)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{pathlib.Path(run_dir).name}: {episode}, on the plane of its class means "
+                 f"(o support, x query, * class mean)")
+    fig.tight_layout()
+    out = pathlib.Path(run_dir) / "episode_geometry.png"
+    _save(fig, out)
+    return out
 
 
 def _sweep_row(run_dir, epoch=None):

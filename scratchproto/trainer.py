@@ -364,6 +364,29 @@ def _train(cfg, run_dir, saved, progress, log):
     return run_dir
 
 
+def episode_geometry(run_dir, way=5, shot=5, query=15, seed=0, progress=False):
+    """episode_geometry.png in ``run_dir``: the features of one fixed episode (of the run's
+    validation split, else test) under the untrained model (the run's seed), its best.npz and its
+    last.npz, each projected on the plane of its class means (plots.plot_geometry). Returns its
+    path, or None where the run folder holds neither checkpoint."""
+    run_dir = pathlib.Path(run_dir)
+    ckpts = [run_dir / name for name in ("best.npz", "last.npz") if (run_dir / name).exists()]
+    if not ckpts:
+        return None
+    cfg = Config.from_saved(files.read_json(run_dir / "config.json", "run settings")["config"])
+    panels = [("untrained", build_backbone(cfg.backbone, seed=cfg.seed, width=cfg.width, xp=np))]
+    for path in ckpts:
+        meta, net = checkpoint.load_backbone(path, np)
+        panels.append((f"{path.name} (epoch {meta['epoch']})", net))
+    ds = Omniglot(cfg.data, cfg.mirror, progress=progress)
+    split = cfg.splits[1] or "test"
+    rotations = cfg.rotations if split.startswith("background") else True
+    xs, xq = next(episodes(ds, split, way, shot, query, 1, seed=[seed, 1], device=np, rotations=rotations))
+    x = np.concatenate([xs.reshape(way * shot, 1, 28, 28), xq.reshape(way * query, 1, 28, 28)])
+    features = [(name, net.forward(x, train=False)) for name, net in panels]
+    return plots.plot_geometry(run_dir, features, way, shot, query, f"one {way}-way {shot}-shot {split} episode")
+
+
 SIGNIFICANT = 10   # digits of a float in an evaluation's JSON (below: why not all 17)
 
 

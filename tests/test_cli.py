@@ -97,6 +97,7 @@ def test_train_then_eval_then_plot(omniglot, tmp_path):
     (out / "curves.png").unlink()
     p = run("--plot", str(out))
     assert p.returncode == 0 and (out / "curves.png").exists()
+    assert f"wrote {out / 'episode_geometry.png'}" in p.stdout and (out / "episode_geometry.png").stat().st_size > 10_000
     p = run("--plot-sweep", str(out))
     assert p.returncode == 0 and (tmp_path / "nc_vs_parameters.png").exists()
     assert "| convnet width 8 |" in p.stdout

@@ -129,3 +129,24 @@ def test_nc1_with_repeated_singular_values_agrees_with_dense_reference():
     h = mu[:, None, :] + 0.3 * rng.standard_normal((7, 5, 20))
     h -= h.mean(axis=1, keepdims=True) - mu[:, None, :]
     assert collapse_metrics(h)["nc1"] == pytest.approx(dense_reference(h)["nc1"], rel=1e-9)
+
+
+def test_the_class_mean_plane_keeps_the_means_geometry():
+    """Class means that lie in a plane keep their distances on it (the projection is an isometry
+    there), whatever the plane and the dimension; points off the plane lose only their distance
+    to it."""
+    from scratchproto.plots import class_mean_plane
+    rng = np.random.default_rng(3)
+    way, shot, d = 4, 3, 9
+    basis = np.linalg.qr(rng.standard_normal((d, 2)))[0]          # an orthonormal plane in R^9
+    offset = rng.standard_normal(d)
+    means2 = rng.standard_normal((way, 2)) * 5
+    support = (means2[:, None, :] + 0.1 * rng.standard_normal((way, shot, 2))) @ basis.T + offset
+    support -= support.mean(axis=1, keepdims=True) - (means2 @ basis.T + offset)[:, None, :]   # exact means
+    query = rng.standard_normal((way * 2, d))
+    z = np.concatenate([support.reshape(-1, d), query])
+    xy = class_mean_plane(z, way, shot)
+    got = xy[:way * shot].reshape(way, shot, 2).mean(axis=1)
+    dist = lambda m: np.linalg.norm(m[:, None] - m[None], axis=-1)      # noqa: E731
+    np.testing.assert_allclose(dist(got), dist(means2), rtol=1e-10)
+    assert xy.shape == (way * shot + way * 2, 2)
