@@ -1,7 +1,7 @@
 """Files on disk: one-line answers for file-system faults, and writes that never lose what was saved.
 
 Every file the program writes (checkpoints, trace.jsonl, config.json, eval.json, figures, the
-Omniglot cache) goes through ``atomic_write``: the bytes go to ``<name>.part`` beside the target,
+Omniglot cache) goes through ``atomic_write``: the bytes go to ``<name>.part-<pid>-<random>`` beside the target,
 are flushed to the disk, and only then renamed over it. A full disk, a signal or a power cut
 therefore leaves either the old file or the new one, never a mixture; trace.jsonl is extended
 the same way (``append_line``), so it never ends in half a line.
@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import pathlib
+import secrets
 
 from .errors import UserError
 
@@ -101,16 +102,26 @@ def read_jsonl(path, what="trace"):
     return records, False
 
 
+def temp_path(path):
+    """A temporary name beside ``path`` that no other process uses: ``<name>.part-<pid>-<random>``,
+    so that two processes writing the same target never write into, truncate or delete each
+    other's half-written file; the last complete write wins whole. Its suffix is the temporary
+    part: ``temp_path(p).with_suffix("") == p``."""
+    path = pathlib.Path(path)
+    return path.with_name(f"{path.name}.part-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def atomic_write(path, content, hint=None):
     """Replace ``path`` with ``content`` (str, bytes, or a function that writes to a binary file
-    object) all at once: written to ``<name>.part``, flushed to the disk, then renamed.
+    object) all at once: written to a temporary file of this process's own (temp_path), flushed to
+    the disk, then renamed.
 
     On any failure the temporary file is removed and ``path`` is left exactly as it was; an
     OSError becomes a FileError naming ``path`` (``hint``: what to do instead of the generic
     advice).
     """
     path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".part")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             if callable(content):
@@ -133,6 +144,28 @@ def atomic_write(path, content, hint=None):
             raise KeyboardInterrupt from e
         raise
     _sync_folder(path.parent)
+    remove_stale_temps(path)
+
+
+def remove_stale_temps(path):
+    """Delete the temporary files beside ``path`` that processes which no longer exist left behind
+    (killed while writing it: SIGKILL, a power cut); a living process's are left alone."""
+    path = pathlib.Path(path)
+    for tmp in path.parent.glob(f"{glob_escape(path.name)}.part-*-*"):
+        try:
+            pid = int(tmp.name[len(path.name) + len(".part-"):].split("-")[0])
+            os.kill(pid, 0)
+        except ValueError:
+            continue                      # not one of ours
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            continue                      # alive, or not ours to ask about
+
+
+def glob_escape(name):
+    """``name`` with glob's special characters taken literally."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _interrupted(e):
@@ -180,7 +213,7 @@ def check_writable(path, what="file", hint=None):
         why = "does not exist" if not path.parent.exists() else "is a file, not a folder"
         raise FileError(f"cannot write {what} {path}: its folder {path.parent} {why}; create it "
                         f"or choose another path")
-    probe = path.with_name(path.name + ".part")
+    probe = temp_path(path)        # its own: never another process's half-written file
     try:
         with open(probe, "wb"):
             pass

@@ -61,7 +61,7 @@ def fetch(root="data/omniglot", mirror=None, progress=True):
         _verify(path, f"{path} is not the benchmark's {FILE}", "delete it and re-run to download it again")
         return path
     url = source_url(FILE, mirror, URL)
-    tmp = path.with_name(path.name + ".part")
+    tmp = files.temp_path(path)
     download(url, tmp, progress)
     try:
         _verify(tmp, f"the file downloaded from {url} is not the benchmark's {FILE}", "it was not "

@@ -110,7 +110,7 @@ def download(url, dest, progress=True):
     except BaseException as e:   # a half file is never left behind, even on Ctrl-C
         pathlib.Path(dest).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            final = pathlib.Path(dest).with_suffix("")     # the name without .part
+            final = pathlib.Path(dest).with_suffix("")     # the name without its temporary suffix
             raise fs_error(e, final, "write", "choose a --data folder on a writable disk with "
                                               "space, or fix this one") from None
         raise
@@ -230,7 +230,7 @@ class Omniglot:
             except OSError as e:
                 raise fs_error(e, path, "read") from None
         files.ensure_folder(path.parent, "Omniglot folder (--data)")
-        tmp = path.with_name(path.name + ".part")
+        tmp = files.temp_path(path)
         url = source_url(relpath, self.mirror)
         download(url, tmp, self.progress)
         try:

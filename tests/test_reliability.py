@@ -10,6 +10,7 @@ are injected by tests/faults.py.
 import errno
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 import scratchproto as sp
-from helpers import REPO, trace_without_seconds
+from helpers import REPO, http_mirror, trace_without_seconds
 from scratchproto import files
 
 pytestmark = pytest.mark.usefixtures("omniglot")
@@ -189,7 +190,7 @@ def test_disk_full_in_the_middle_of_a_write_keeps_the_old_file(omniglot, finishe
             one_line_error(p, "cannot write", run / name, "no space left", "--resume", "last.npz holds epoch 2")
             assert (run / name).read_bytes() == before
             assert sp.checkpoint.load(run / "last.npz")[0]["epoch"] == 2
-            assert not list(run.glob("*.part"))
+            assert not list(run.glob("*.part*"))
         # once there is space again, the run continues as if nothing had happened
         assert cli("--resume", str(run), "--epochs", "3").returncode == 0
         assert trace_without_seconds(run) == trace_without_seconds(straight)
@@ -210,7 +211,7 @@ def test_disk_full_in_the_middle_of_a_write_keeps_the_old_file(omniglot, finishe
             fault=("write-half", "ENOSPC", "cache28"))
     assert p.returncode == 0, p.stderr
     assert "warning: cannot write" in p.stderr and "cache28.npz" in p.stderr and "Traceback" not in p.stderr
-    assert not (data / "cache28.npz").exists() and not list(data.glob("*.part"))
+    assert not (data / "cache28.npz").exists() and not list(data.glob("*.part*"))
 
 
 # -- damaged derived files ----------------------------------------------------------------------
@@ -337,7 +338,7 @@ def test_atomic_write_keeps_the_old_file_whatever_stops_it(tmp_path):
         raise KeyboardInterrupt          # Ctrl-C in the middle of a checkpoint
     with pytest.raises(KeyboardInterrupt):
         files.atomic_write(path, interrupted)
-    assert path.read_bytes() == b"old checkpoint" and not list(tmp_path.glob("*.part"))
+    assert path.read_bytes() == b"old checkpoint" and not list(tmp_path.glob("*.part*"))
     # a trace whose last line lost its newline (written by hand, or by an older version) is mended
     trace = tmp_path / "trace.jsonl"
     trace.write_text('{"epoch": 1}')
@@ -359,6 +360,55 @@ def test_an_interruption_inside_a_writer_whose_cleanup_fails_is_still_an_interru
             raise ValueError("Can't close the ZIP file while there is an open writing handle on it.")
     with pytest.raises(KeyboardInterrupt):
         files.atomic_write(path, interrupted_savez)
-    assert path.read_bytes() == b"old checkpoint" and not list(tmp_path.glob("*.part"))
+    assert path.read_bytes() == b"old checkpoint" and not list(tmp_path.glob("*.part*"))
     with pytest.raises(ValueError):      # a writer's own error, without an interruption, stays itself
         files.atomic_write(path, lambda f: int("x"))
+
+
+# -- two processes, one file: each process's temporary files are its own -------------------------
+
+def test_two_processes_writing_one_file_never_mix_or_lose_it(tmp_path):
+    """Real processes, each rewriting the same target many times with its own content: every
+    read sees one process's content whole, and no temporary file is left."""
+    target = tmp_path / "eval.json"
+    code = ("import sys; from scratchproto import files\n"
+            "for i in range(200): files.atomic_write(sys.argv[1], sys.argv[2] * 5000)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(target), mark], cwd=REPO) for mark in "AB"]
+    seen = set()
+    while any(p.poll() is None for p in procs):
+        if target.exists():
+            text = target.read_text()
+            seen.add(text[0])
+            assert text in ("A" * 5000, "B" * 5000)
+    assert [p.returncode for p in procs] == [0, 0]
+    assert target.read_text() in ("A" * 5000, "B" * 5000) and not list(tmp_path.glob("*.part*"))
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "last.npz"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"last.npz.part-{int(dead.stdout)}-0badf00d"      # a process that is gone
+    stale.write_bytes(b"half a checkpoint")
+    alive = tmp_path / f"last.npz.part-{os.getpid()}-1234abcd"           # this one is writing still
+    alive.write_bytes(b"being written")
+    other = tmp_path / "last.npz.part-notapid-x"
+    other.write_bytes(b"not ours")
+    sp.files.atomic_write(target, b"the checkpoint")
+    assert target.read_bytes() == b"the checkpoint"
+    assert not stale.exists() and alive.exists() and other.exists()
+
+
+def test_several_runs_on_one_empty_data_folder_download_it_once_each_intact(omniglot, tmp_path):
+    """Three processes load Omniglot at once into the same empty folder, from the mirror: all of
+    them succeed, and the folder holds the verified files and nothing half-written."""
+    data = tmp_path / "data"
+    code = ("import sys; from scratchproto.omniglot import Omniglot\n"
+            "ds = Omniglot(sys.argv[1], sys.argv[2], progress=False); print(len(ds.classes('train')))\n")
+    with http_mirror(omniglot.root) as url:
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(data), url], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
+    assert [out.strip() for out, _ in outs] == ["4112"] * 3
+    assert not list(data.rglob("*.part*"))
+    assert sp.omniglot.Omniglot(data, "http://127.0.0.1:9/offline", progress=False).classes("test")
