@@ -232,6 +232,8 @@ def _interrupt(signum, frame):
 
 def cli(argv=None):
     """main() as a command: a user's error is one line on stderr and exit status 2."""
+    for stream in (sys.stdout, sys.stderr):     # a path that is not UTF-8 prints escaped, never crashes
+        stream.reconfigure(errors="backslashreplace")
     try:
         return main(argv)
     except sp.UserError as e:

@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import secrets
+import sys
 
 from .errors import UserError
 
@@ -80,12 +81,13 @@ def read_json(path, what="file"):
         raise FileError(f"{what} {path} is damaged (not JSON: {e})") from None
 
 
-def read_jsonl(path, what="trace"):
+def read_jsonl(path, what="trace", is_record=None):
     """The records of a JSON-lines file, one per line, and whether a cut last line was dropped.
 
     A last line that does not parse is what a crash in the middle of a (non-atomic) write leaves,
-    so it is dropped and reported; a bad line before the last is damage, a FileError.
-    Returns (records, dropped: bool).
+    so it is dropped and reported; a bad line before the last is damage, a FileError. So is a
+    line that parses but fails ``is_record`` (e.g. ``{}`` or a list in a trace): valid JSON, but
+    not a record. Returns (records, dropped: bool).
     """
     lines = read_text(path, what).splitlines()
     records = []
@@ -93,12 +95,16 @@ def read_jsonl(path, what="trace"):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines):
                 return records, True
             raise FileError(f"line {i} of {what} {path} is damaged (not JSON); it cannot be "
                             f"read past it") from None
+        if is_record is not None and not is_record(record):
+            raise FileError(f"line {i} of {what} {path} is damaged (JSON, but not one of its "
+                            f"records); it cannot be read past it")
+        records.append(record)
     return records, False
 
 
@@ -121,6 +127,10 @@ def atomic_write(path, content, hint=None):
     advice).
     """
     path = pathlib.Path(path)
+    if path.exists() and not path.is_file():      # a device or a pipe (/dev/stdout): write through it
+        return _write_through(path, content, hint)
+    if path.is_symlink():            # the link stays a link: its target is what is replaced
+        path = path.resolve()
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
@@ -145,6 +155,19 @@ def atomic_write(path, content, hint=None):
         raise
     _sync_folder(path.parent)
     remove_stale_temps(path)
+
+
+def _write_through(path, content, hint):
+    """Write ``content`` into an existing non-regular file (a terminal, a pipe, /dev/stdout): no
+    temporary file and no rename, which would replace the device itself with a file."""
+    try:
+        with open(path, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+    except OSError as e:
+        raise fs_error(e, path, "write", hint) from None
 
 
 def remove_stale_temps(path):
@@ -209,6 +232,12 @@ def check_writable(path, what="file", hint=None):
     path = pathlib.Path(path)
     if path.is_dir():
         raise FileError(f"cannot write {what} {path}: it is a folder, not a file; name a file")
+    if path.exists() and not path.is_file():      # a device or pipe: written through, if allowed
+        if not os.access(path, os.W_OK):
+            raise FileError(f"cannot write {what} {path}: permission denied")
+        return
+    if path.is_symlink():
+        path = path.resolve()
     if not path.parent.is_dir():
         why = "does not exist" if not path.parent.exists() else "is a file, not a folder"
         raise FileError(f"cannot write {what} {path}: its folder {path.parent} {why}; create it "
@@ -227,7 +256,8 @@ class FolderLock:
 
     An advisory lock (flock) on the folder itself: the system releases it when the process ends
     in any way, SIGKILL included, so it is never left behind. Where flock does not exist (Windows)
-    the lock is a no-op.
+    the lock is a no-op, and where the file system refuses it (ENOSYS, EOPNOTSUPP, ENOLCK on some
+    network file systems) it warns and does without: only "would block" means busy.
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as run_dir, FolderLock(run_dir):
@@ -249,11 +279,14 @@ class FolderLock:
             raise fs_error(e, self.folder, "open run folder") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:          # "would block": another process holds it
             os.close(self.fd)
             self.fd = None
             raise FileError(f"{self.folder} is in use by another run.py that is training there; "
                             f"wait for it to end, or choose another --out") from None
+        except OSError as e:             # no flock here (some network file systems): not "busy"
+            print(f"warning: {self.folder} cannot be locked on this file system ({e.strerror}): "
+                  f"a second run.py pointed at it would not be stopped", file=sys.stderr)
         return self
 
     def __exit__(self, *exc):

@@ -30,18 +30,31 @@ def _save(fig, path):
         plt.close(fig)
 
 
+def is_epoch_record(r):
+    """Whether ``r`` (a parsed line of trace.jsonl) is an epoch's record: a positive whole epoch
+    and the training episodes' numbers."""
+    return (isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] >= 1
+            and isinstance(r.get("train"), dict) and "loss" in r["train"])
+
+
 def read_trace(run_dir):
     """The records of RUN_DIR/trace.jsonl; a last line cut by a crash is left out, with a warning."""
     path = pathlib.Path(run_dir) / "trace.jsonl"
     if not path.exists():
         raise UserError(f"no trace at {path}: is {run_dir} a run folder?")
-    records, dropped = files.read_jsonl(path)
+    records, dropped = files.read_jsonl(path, "trace", is_epoch_record)
     if dropped:
         print(f"warning: the last line of {path} was cut short (a crash while writing it); "
               f"left out", file=sys.stderr)
     if not records:
         raise UserError(f"{path} is empty: the run has not finished an epoch yet")
     return records
+
+
+def shown(name):
+    """A file or folder name as text a figure can draw: a name that is not valid UTF-8 (which
+    Linux allows; Python holds its bytes as surrogates) gets a replacement character."""
+    return str(name).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def fmt(value, spec=".3g"):
@@ -76,7 +89,7 @@ def plot_run(run_dir, title=None):
     records = read_trace(run_dir)
     epochs = [r["epoch"] for r in records]
     parts = _parts(records[0])
-    title = title or run_dir.name
+    title = shown(title or run_dir.name)
     written = []
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -170,7 +183,7 @@ def plot_geometry(run_dir, features, way, shot, query, episode):
         ax.set_aspect("equal", adjustable="datalim")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{pathlib.Path(run_dir).name}: {episode}, on the plane of its class means "
+    fig.suptitle(f"{shown(pathlib.Path(run_dir).name)}: {episode}, on the plane of its class means "
                  f"(o support, x query, * class mean)")
     fig.tight_layout()
     out = pathlib.Path(run_dir) / "episode_geometry.png"
@@ -286,7 +299,7 @@ def lake_label(path):
     """A --lake evaluation's name in tables and legends: its file name, or for a run folder's own
     eval_lake.json, the folder's (results/lake/bg-mixed/eval_lake.json -> bg-mixed)."""
     path = pathlib.Path(path)
-    return path.parent.name if path.stem == "eval_lake" else path.stem
+    return shown(path.parent.name if path.stem == "eval_lake" else path.stem)
 
 
 def lake_table(paths):

@@ -205,9 +205,36 @@ def _episodes(ds, cfg, part, epoch, xp=np):
                     augment=cfg.augment and part == "train", flags=f"--{part}-")
 
 
+def memory_estimate(cfg):
+    """Bytes a training run needs at least, counted from its settings: the float32 parameters
+    with their gradient and Adam's two moments, and the largest episode's first-layer activations
+    (its images times the first block's channels at 28x28, kept for the backward pass, twice).
+    An underestimate: it stops only runs that cannot fit anywhere near."""
+    w = cfg.width if cfg.backbone == "convnet" else 512
+    params = 9 * w + 3 * 9 * w * w if cfg.backbone == "convnet" else 11_168_832
+    images = max(cfg.train_way * (cfg.train_shot + cfg.train_query), cfg.val_way * (cfg.val_shot + cfg.val_query))
+    first = w if cfg.backbone == "convnet" else 64
+    return 4 * (4 * params + 2 * images * 28 * 28 * first)
+
+
+def check_size(cfg):
+    """UserError, naming the flags, for a run whose memory_estimate exceeds this machine's memory."""
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = memory_estimate(cfg)
+    if need > have:
+        raise UserError(f"this run needs at least {need / 2 ** 30:.0f} GiB of memory (--width "
+                        f"{cfg.width}, --train-way {cfg.train_way} x (--train-shot {cfg.train_shot} + "
+                        f"--train-query {cfg.train_query}) images), more than this machine's "
+                        f"{have / 2 ** 30:.0f} GiB; choose smaller values")
+
+
 def _check_config(cfg, ds):
     check_numbers(dataclasses.asdict(cfg))
     check_choices(cfg)
+    check_size(cfg)
     for part in ("train", "val") if cfg.splits[1] else ("train",):
         next(_episodes(ds, cfg, part, 0))      # the sampler checks the episode against the split
 
@@ -216,9 +243,10 @@ def _read_trace(path, upto, log):
     """The trace's records for epochs <= upto (later ones were written after the checkpoint)."""
     if not path.exists():
         return []
-    records, dropped = files.read_jsonl(path)
+    records, dropped = files.read_jsonl(path, "trace", plots.is_epoch_record)
     if dropped:
-        log(f"{path}: its last line was cut short (a crash while writing it); dropped")
+        log(f"{path}: its last line was cut short (a crash while writing it); dropped for good "
+            f"(last.npz holds the model; that epoch's numbers are lost)")
     return [r for r in records if r["epoch"] <= upto]
 
 
@@ -256,6 +284,7 @@ def train(cfg=None, out=None, resume=None, overrides=None, progress=True, log=pr
     cfg = cfg or Config()
     check_numbers(dataclasses.asdict(cfg))
     check_choices(cfg)
+    check_size(cfg)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = pathlib.Path(out or f"runs/{cfg.backbone}-{stamp}")
     created = not run_dir.exists()

@@ -412,3 +412,84 @@ def test_several_runs_on_one_empty_data_folder_download_it_once_each_intact(omni
     assert [out.strip() for out, _ in outs] == ["4112"] * 3
     assert not list(data.rglob("*.part*"))
     assert sp.omniglot.Omniglot(data, "http://127.0.0.1:9/offline", progress=False).classes("test")
+
+
+# -- traces that are JSON but not traces ----------------------------------------------------------
+
+@pytest.mark.parametrize("line", ["{}", "[1, 2]", '{"epoch": 2}', '{"epoch": "two", "train": {"loss": 1}}', "3"])
+def test_a_trace_line_that_is_json_but_no_epoch_record_is_named(finished, tmp_path, line):
+    run = fresh(finished, tmp_path)
+    lines = (run / "trace.jsonl").read_text().splitlines()
+    (run / "trace.jsonl").write_text("\n".join([lines[0], line, lines[1]]) + "\n")
+    for args in (["--plot", str(run)], ["--resume", str(run), "--epochs", "3"]):
+        one_line_error(cli(*args), f"line 2 of trace {run / 'trace.jsonl'} is damaged (JSON, but not one of its records)")
+
+
+# -- file systems without flock ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("code", ["ENOSYS", "EOPNOTSUPP", "ENOLCK"])
+def test_a_file_system_without_locks_warns_and_does_not_call_the_folder_busy(tmp_path, monkeypatch, capsys, code):
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with files.FolderLock(tmp_path):
+        pass
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {tmp_path} cannot be locked on this file system")
+
+    def busy(fd, op):
+        raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+    monkeypatch.setattr(fcntl, "flock", busy)
+    with pytest.raises(files.FileError, match="is in use by another run.py"):
+        with files.FolderLock(tmp_path):
+            pass
+
+
+# -- targets that are not plain files ---------------------------------------------------------------
+
+def test_an_evaluation_to_standard_output_or_through_a_link(finished, tmp_path):
+    run = fresh(finished, tmp_path)
+    args = ["--eval", str(run / "best.npz"), "--way", "3", "--shot", "1", "--query", "2", "--episodes", "2",
+            "--device", "cpu"]
+    p = subprocess.run([sys.executable, str(REPO / "run.py"), *args, "--eval-out", "/dev/stdout", "--no-progress",
+                        "--data", str(sp_data(finished)), "--mirror", OFFLINE], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    start = p.stdout.index("{")
+    assert json.loads(p.stdout[start:p.stdout.rindex("}") + 1])["results"][0]["way"] == 3
+    assert os.path.islink("/dev/stdout")        # still the system's link, not a file put in its place
+    # a link stays a link, and the file it points at gets the evaluation
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    p = cli(*args, "--eval-out", str(link), data=sp_data(finished))
+    assert p.returncode == 0, p.stderr
+    assert link.is_symlink() and json.loads(real.read_text())["results"][0]["way"] == 3
+
+
+def sp_data(finished):
+    """The Omniglot folder the finished run was trained from."""
+    return json.loads((finished / "config.json").read_text())["config"]["data"]
+
+
+# -- names that are not UTF-8 -----------------------------------------------------------------------
+
+def test_a_run_folder_whose_name_is_not_utf8_trains_and_draws(omniglot, tmp_path):
+    if sys.platform != "linux":
+        pytest.skip("a file name that is not UTF-8 needs Linux")
+    run = tmp_path / os.fsdecode(b"run-\xff\xfe")
+    p = cli(*TINY, "--epochs", "1", "--out", str(run), data=omniglot.root)
+    assert p.returncode == 0, p.stderr
+    assert (run / "curves.png").stat().st_size > 10_000 and "run-\\udcff\\udcfe" in p.stdout
+    p = cli("--plot", str(run), data=omniglot.root)
+    assert p.returncode == 0, p.stderr
+
+
+# -- sizes that cannot fit -----------------------------------------------------------------------------
+
+def test_a_run_too_large_for_the_machine_stops_before_allocating(tmp_path):
+    p = cli("--width", "100000", "--device", "cpu", "--out", str(tmp_path / "run"), data=tmp_path / "nodata")
+    one_line_error(p, "this run needs at least", "GiB of memory (--width 100000", "choose smaller values")
+    assert not (tmp_path / "nodata").exists() and not (tmp_path / "run").exists()
