@@ -49,6 +49,7 @@ def load(path):
     if not path.exists():
         raise UserError(f"no checkpoint at {path}")
     try:
+        _check_sizes(path)
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             state = {k[6:]: z[k] for k in z.files if k.startswith("state.")}
@@ -66,13 +67,67 @@ def load(path):
     if found != FORMAT:
         raise UserError(f"{path} is not a scratchproto checkpoint (format {found!r}, "
                         f"expected {FORMAT!r})")
+    _check_meta(path, meta)
     return meta, state, adam
+
+
+# what every checkpoint's meta holds, and what each must be (run.py writes all of them)
+META_FIELDS = {"backbone": str, "epoch": int}
+
+
+def _check_meta(path, meta):
+    """UserError for meta that lacks a field or holds one of the wrong kind: a checkpoint is a file
+    anyone may have edited, and a KeyError deep in the trainer would not say which."""
+    from .backbones import BACKBONES
+    for name, kind in META_FIELDS.items():
+        if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+            raise UserError(f"{path} is damaged: its metadata {'lacks' if name not in meta else 'has a bad'} "
+                            f"{name!r}; use another checkpoint")
+    if meta["backbone"] not in BACKBONES or meta["epoch"] < 0:
+        raise UserError(f"{path} is damaged: its metadata names backbone {meta['backbone']!r}, epoch "
+                        f"{meta['epoch']}; use another checkpoint")
+    width = meta.get("width")
+    if width is not None and (not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 1 << 16):
+        raise UserError(f"{path} is damaged: its metadata has width {width!r}; use another checkpoint")
+
+
+def _check_sizes(path):
+    """Before any array is read: every array's header must claim no more bytes than its member of
+    the .npz holds, so a damaged or forged header never makes us allocate what it claims."""
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            with zf.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read = {(1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read is None:
+                    raise ValueError(f"member {info.filename} has .npy version {version}")
+                shape, _, dtype = read(member)
+                claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if claimed > info.file_size:
+                    raise ValueError(f"member {info.filename} claims {claimed:,} bytes of {dtype} "
+                                     f"{shape} but holds {info.file_size:,}")
 
 
 def load_backbone(path, xp):
     """The backbone a checkpoint holds, on array module ``xp``: returns (meta, net)."""
     from .backbones import build_backbone
     meta, state, _ = load(path)
+    if meta["backbone"] == "convnet":     # the width the metadata claims is built: check it first
+        first = state.get("encoder.0.0.weight")
+        if first is None or first.ndim != 4 or first.shape[0] != (meta.get("width") or 64):
+            raise UserError(f"{path} is damaged: its metadata names a {describe(meta)}, but its first "
+                            f"convolution's weights are {'missing' if first is None else first.shape}; "
+                            f"use another checkpoint")
     net = build_backbone(meta["backbone"], width=meta.get("width") or 64, xp=xp)
-    net.load_state_dict(state)
+    try:
+        net.load_state_dict(state)
+    except ValueError as e:
+        raise UserError(f"{path} is damaged: its weights do not fit the {describe(meta)} its "
+                        f"metadata names ({e}); use another checkpoint") from None
     return meta, net
+
+
+def describe(meta):
+    """'convnet of width 64' or 'resnet18', from a checkpoint's meta."""
+    return f"{meta['backbone']} of width {meta.get('width') or 64}" if meta["backbone"] == "convnet" else meta["backbone"]

@@ -324,8 +324,19 @@ def _train(cfg, run_dir, saved, progress, log):
         if adam is None:
             raise UserError(f"{run_dir / 'last.npz'} holds no optimiser state (a copy written by "
                             f"--strip): it can be evaluated, not resumed")
-        net.load_state_dict(state)
-        opt.load_state_dict(adam)
+        ours = {"backbone": cfg.backbone, "width": cfg.width}
+        if checkpoint.describe(meta) != checkpoint.describe(ours):
+            raise UserError(f"{run_dir / 'last.npz'} holds a {checkpoint.describe(meta)}, but the run's "
+                            f"config.json trains a {checkpoint.describe(ours)}: it is not this run's checkpoint")
+        if not all(isinstance(meta.get(k), (int, float)) for k in ("best_loss", "bad_epochs")):
+            raise UserError(f"{run_dir / 'last.npz'} is damaged: its metadata lacks where the run stood "
+                            f"(best_loss, bad_epochs); it cannot be resumed")
+        try:
+            net.load_state_dict(state)
+            opt.load_state_dict(adam)
+        except ValueError as e:
+            raise UserError(f"{run_dir / 'last.npz'} is damaged: its arrays do not fit the run's "
+                            f"{checkpoint.describe(ours)} ({e})") from None
         epoch, best, bad = meta["epoch"], meta["best_loss"], meta["bad_epochs"]
         # the trace may run ahead of last.npz (a crash between the two writes): cut it back
         kept = "".join(json.dumps(r) + "\n" for r in _read_trace(trace_path, epoch, log))

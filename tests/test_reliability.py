@@ -493,3 +493,57 @@ def test_a_run_too_large_for_the_machine_stops_before_allocating(tmp_path):
     p = cli("--width", "100000", "--device", "cpu", "--out", str(tmp_path / "run"), data=tmp_path / "nodata")
     one_line_error(p, "this run needs at least", "GiB of memory (--width 100000", "choose smaller values")
     assert not (tmp_path / "nodata").exists() and not (tmp_path / "run").exists()
+
+
+# -- checkpoints that lie ------------------------------------------------------------------------------
+
+def _rewrite_checkpoint(src, dst, meta_edit=None, arrays_edit=None):
+    with np.load(src) as z:
+        meta = json.loads(str(z["meta"]))
+        arrays = {k: z[k] for k in z.files if k != "meta"}
+    if meta_edit:
+        meta_edit(meta)
+    if arrays_edit:
+        arrays_edit(arrays)
+    np.savez(dst, meta=json.dumps(meta), **arrays)
+
+
+@pytest.mark.parametrize("case,edit,needle", [
+    ("no backbone", dict(meta_edit=lambda m: m.pop("backbone")), "its metadata lacks 'backbone'"),
+    ("no epoch", dict(meta_edit=lambda m: m.pop("epoch")), "its metadata lacks 'epoch'"),
+    ("odd backbone", dict(meta_edit=lambda m: m.update(backbone="vgg")), "names backbone 'vgg'"),
+    ("width disagrees", dict(meta_edit=lambda m: m.update(width=100000)), "has width 100000"),
+    ("width disagrees, plausibly", dict(meta_edit=lambda m: m.update(width=16)),
+     "names a convnet of width 16, but its first convolution's weights are (8, 1, 3, 3)"),
+    ("backbone disagrees", dict(meta_edit=lambda m: m.update(backbone="resnet18")), "its weights do not fit the resnet18"),
+])
+def test_a_checkpoint_whose_metadata_lies_is_refused_in_one_line(finished, tmp_path, case, edit, needle):
+    bad = tmp_path / "bad.npz"
+    _rewrite_checkpoint(finished / "best.npz", bad, **edit)
+    p = cli("--eval", str(bad), "--device", "cpu", "--episodes", "2", data=sp_data(finished))
+    one_line_error(p, str(bad), "is damaged", needle)
+
+
+def test_an_array_header_claiming_absurd_size_is_refused_before_reading(finished, tmp_path):
+    """An .npy header inside the .npz claims 10^12 floats; the file holds a few bytes: refused
+    from the header alone, without allocating."""
+    import io
+    import zipfile
+    bad = tmp_path / "forged.npz"
+    shutil.copy(finished / "best.npz", bad)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (10 ** 12,)})
+    with zipfile.ZipFile(bad, "a") as zf:
+        zf.writestr("state.encoder.9.weight.npy", b"\x93NUMPY\x01\x00" + header.getvalue()[8:] + b"\0" * 16)
+    p = cli("--eval", str(bad), "--device", "cpu", data=sp_data(finished))
+    one_line_error(p, str(bad), "is damaged or not a scratchproto checkpoint", "claims 4,000,000,000,000 bytes")
+
+
+def test_a_run_folder_with_another_runs_checkpoint_is_not_resumed(finished, omniglot, tmp_path):
+    run = fresh(finished, tmp_path)
+    other = tmp_path / "other"
+    assert cli(*TINY, "--width", "4", "--epochs", "1", "--out", str(other), data=omniglot.root).returncode == 0
+    shutil.copy(other / "last.npz", run / "last.npz")
+    p = cli("--resume", str(run), "--epochs", "3")
+    one_line_error(p, "holds a convnet of width 4, but the run's config.json trains a convnet of width 8")
