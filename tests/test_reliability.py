@@ -547,3 +547,15 @@ def test_a_run_folder_with_another_runs_checkpoint_is_not_resumed(finished, omni
     shutil.copy(other / "last.npz", run / "last.npz")
     p = cli("--resume", str(run), "--epochs", "3")
     one_line_error(p, "holds a convnet of width 4, but the run's config.json trains a convnet of width 8")
+
+
+def test_two_evaluations_writing_one_file_both_succeed_and_leave_it_whole(finished, tmp_path):
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, str(REPO / "run.py"), "--eval", str(finished / "best.npz"), "--way", "3", "--shot", "1",
+           "--query", "2", "--episodes", "3", "--device", "cpu", "--eval-out", str(out), "--no-progress",
+           "--data", str(sp_data(finished)), "--mirror", OFFLINE]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    assert json.loads(out.read_text())["results"][0]["episodes"] == 3
+    assert not list(tmp_path.glob("*.part*"))
