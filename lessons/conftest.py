@@ -1,10 +1,35 @@
 """Runs every lesson as a test: the ```python blocks of lessons/NN-*.md, top to bottom, in one
-namespace, from the lessons/ folder (so that figures land in lessons/figures/), with matplotlib's
-Agg backend. A failing block is reported with its line number in the Markdown file."""
+namespace, with matplotlib's Agg backend. A failing block is reported with its line number in the
+Markdown file.
+
+The blocks run from a scratch copy of the repository's layout (links to its folders, a fresh
+figures/ folder), so that running the tests changes no tracked file; the lessons' own paths
+(``figures/...``, ``../results/...``) work as from lessons/. To redraw the committed figures:
+``SCRATCHPROTO_LESSON_FIGURES=1 pytest lessons`` runs them in lessons/ itself."""
 import os
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
+
+WRITE_FIGURES = "SCRATCHPROTO_LESSON_FIGURES"
+
+
+def scratch_lessons(lessons):
+    """A temporary folder whose lessons/ holds the lessons and an empty figures/, beside links to
+    every other top-level entry of the repository; returns (its lessons/ path, the TemporaryDirectory)."""
+    tmp = tempfile.TemporaryDirectory(prefix="lessons-")
+    root = Path(tmp.name)
+    for entry in lessons.parent.iterdir():
+        if entry.name != lessons.name:
+            (root / entry.name).symlink_to(entry)
+    (root / lessons.name).mkdir()
+    for entry in lessons.iterdir():
+        if entry.name != "figures":
+            (root / lessons.name / entry.name).symlink_to(entry)
+    (root / lessons.name / "figures").mkdir()
+    return root / lessons.name, tmp
 
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```", re.S | re.M)
 
@@ -31,7 +56,12 @@ class LessonRun(pytest.Item):
         import matplotlib.pyplot as plt
         namespace = {"__name__": "__lesson__"}
         here = os.getcwd()
-        os.chdir(self.path.parent)
+        scratch = None
+        if os.environ.get(WRITE_FIGURES) == "1":
+            os.chdir(self.path.parent)
+        else:
+            where, scratch = scratch_lessons(self.path.parent)
+            os.chdir(where)
         try:
             for line, code in blocks(self.path.read_text()):
                 # padded with newlines so that a traceback's line numbers are the Markdown file's
@@ -39,6 +69,8 @@ class LessonRun(pytest.Item):
         finally:
             os.chdir(here)
             plt.close("all")
+            if scratch is not None:
+                scratch.cleanup()
 
     def reportinfo(self):
         return self.path, 0, f"lesson {self.name}"

@@ -1,5 +1,6 @@
 """The lesson collector: every lesson is a test, and a failing block is reported at its line in
 the Markdown file."""
+import os
 import shutil
 import subprocess
 import sys
@@ -19,3 +20,23 @@ def test_a_failing_lesson_block_is_reported_at_its_markdown_line(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path)
     assert "1 failed, 1 passed" in p.stdout, p.stdout
     assert "00-demo.md:13: AssertionError" in p.stdout and "the lesson is wrong" in p.stdout, p.stdout
+
+
+def test_running_the_lessons_changes_no_file_of_theirs(tmp_path):
+    """Lessons run from a scratch layout: the figures they save go there, not into lessons/figures,
+    while their paths to the rest of the repository (../results, ../benchmarks) still work."""
+    lessons = tmp_path / "repo" / "lessons"
+    (lessons / "figures").mkdir(parents=True)
+    shutil.copy(REPO / "lessons" / "conftest.py", lessons / "conftest.py")
+    (tmp_path / "repo" / "marker.txt").write_text("here")
+    (lessons / "00-figure.md").write_text(
+        "```python\nimport matplotlib.pyplot as plt\nfig, ax = plt.subplots()\n"
+        "fig.savefig('figures/demo.png')\nassert open('../marker.txt').read() == 'here'\n```\n")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(lessons)],
+                       capture_output=True, text=True, cwd=lessons)
+    assert "1 passed" in p.stdout, p.stdout
+    assert not (lessons / "figures" / "demo.png").exists()
+    env = {**os.environ, "SCRATCHPROTO_LESSON_FIGURES": "1"}      # the command that redraws them
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(lessons)],
+                       capture_output=True, text=True, cwd=lessons, env=env)
+    assert "1 passed" in p.stdout and (lessons / "figures" / "demo.png").exists(), p.stdout
