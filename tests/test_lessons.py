@@ -40,3 +40,12 @@ def test_running_the_lessons_changes_no_file_of_theirs(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(lessons)],
                        capture_output=True, text=True, cwd=lessons, env=env)
     assert "1 passed" in p.stdout and (lessons / "figures" / "demo.png").exists(), p.stdout
+
+
+def test_no_lesson_holds_control_characters():
+    """A LaTeX command written through a non-raw string (\\times, \\frac, \\rVert) becomes a tab, a
+    form feed or a carriage return: broken formulas, and line numbers off by the stray breaks."""
+    for path in sorted((REPO / "lessons").glob("*.md")) + sorted((REPO / "exercises").glob("*.md")):
+        for number, line in enumerate(path.read_bytes().split(b"\n"), 1):
+            bad = sorted({c for c in line if c < 32})
+            assert not bad, f"{path.name}:{number}: control characters {bad}"
