@@ -60,8 +60,13 @@ def gradient(name, analytic, loss, x):
         raise Failed(f"{name} has shape {np.shape(analytic)}, expected {x.shape}")
     err = relative_error(analytic, numeric)
     if not err < TOL:
-        raise Failed(f"{name} disagrees with finite differences: relative error {err:.2e} "
-                     f"(must be below {TOL:.0e})")
+        a, n = np.asarray(analytic, dtype=np.float64), np.asarray(numeric, dtype=np.float64)
+        worst = np.unravel_index(np.argmax(np.abs(a - n)), a.shape)
+        ratio = f"{a[worst] / n[worst]:.3g}" if n[worst] != 0 else "undefined (the true value is 0)"
+        raise Failed(f"{name} disagrees with finite differences: relative error {err:.2e} (must be "
+                     f"below {TOL:.0e}); the worst entry is at index {tuple(int(i) for i in worst)}: "
+                     f"{a[worst]:.6g} against {n[worst]:.6g}, a ratio of {ratio} (a ratio of 2 or "
+                     f"0.5 points at a term counted twice or missing, -1 at a flipped sign)")
 
 
 # -- the library's answers, in the exercises' signatures --------------------------------------
@@ -336,7 +341,14 @@ def main(argv=None):
         return 0
     failed = 0
     for name in EXERCISES if args.name == "all" else [args.name]:
-        module = library_module() if args.library else load(name, args.folder)
+        try:
+            module = library_module() if args.library else load(name, args.folder)
+        except Exception as e:        # missing, or not Python yet: a FAIL, and the others are graded
+            where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+            print(f"FAIL  {name}: exercises/{name}.py could not be loaded: {type(e).__name__}{where}: "
+                  f"{e.msg if isinstance(e, SyntaxError) else e}")
+            failed += 1
+            continue
         for title, problem in grade(name, module):
             print(f"{'PASS' if problem is None else 'FAIL'}  {name}: {title}" + (f"\n      {problem}" if problem else ""))
             failed += problem is not None

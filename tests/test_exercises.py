@@ -69,6 +69,12 @@ def _adam_without_bias_correction(p, g, m, v, t, lr=1e-3, betas=(0.9, 0.999), ep
         *ex.library_module().protonet_loss(z, w, s, q))),
      "protonet_loss: agrees with the library, and dz with finite differences",
      "dz disagrees with finite differences: relative error 5.00e-01"),
+    ("protonet_loss", broken(protonet_loss=lambda z, w, s, q: (lambda l, dz: (l, dz / 2))(
+        *ex.library_module().protonet_loss(z, w, s, q))),
+     "protonet_loss: agrees with the library, and dz with finite differences", "a ratio of 0.5 (a ratio of 2 or"),
+    ("protonet_loss", broken(protonet_loss=lambda z, w, s, q: (lambda l, dz: (l, -dz))(
+        *ex.library_module().protonet_loss(z, w, s, q))),
+     "protonet_loss: agrees with the library, and dz with finite differences", "a ratio of -1 (a ratio of 2 or"),
     ("collapse", broken(nc1=lambda h: ex.library_module().nc1(h) * h.shape[0]),
      "nc1, nc2: agree with the library (N=5, K=4, d=8)", "nc1 is wrong at 1 of 1 entries"),
     ("adam", broken(adam_step=_adam_without_bias_correction), "adam_step: known answer (step 1 moves by lr * sign(g))",
@@ -88,3 +94,15 @@ def test_the_command_grades_and_sets_the_exit_status():
     assert p.returncode == 1 and "FAIL  adam: adam_step: known answer" in p.stdout
     assert "not written yet (the function still raises NotImplementedError)" in p.stdout
     assert "Traceback" not in p.stdout + p.stderr
+
+
+def test_a_missing_or_broken_file_is_one_fail_and_the_others_are_graded(tmp_path):
+    """`check all` over a folder where one exercise is not Python yet and the rest are missing:
+    one FAIL line each, no traceback, every exercise reported."""
+    (tmp_path / "adam.py").write_text("def adam_step(p, g, m, v, t\n")       # a syntax error
+    p = subprocess.run([sys.executable, "-m", "scratchproto.exercises", "check", "all", "--folder", str(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 1 and "Traceback" not in p.stdout + p.stderr, p.stdout + p.stderr
+    assert "FAIL  adam: exercises/adam.py could not be loaded: SyntaxError (line 1): " in p.stdout
+    for name in ex.EXERCISES:
+        assert f"FAIL  {name}: " in p.stdout
