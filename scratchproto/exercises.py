@@ -146,6 +146,10 @@ def check_relu_maxpool(f, lib):
         "dx", f.relu_backward(np.array([-1.0, 0.5, 2.0, -3.0]), np.array([10.0, 20.0, 30.0, 40.0])),
         [0.0, 20.0, 30.0, 0.0])
 
+    # lesson 1's convention at the kink: x = 0 passes no gradient (x >= 0 would pass every other check)
+    yield "relu_backward: known answer at x = 0 (no gradient there)", lambda: compare(
+        "dx", f.relu_backward(np.array([0.0, -0.0, 1e-300]), np.array([5.0, 6.0, 7.0])), [0.0, 0.0, 7.0])
+
     def relu_fd():
         x = rng.standard_normal((2, 3, 3, 2))
         r = rng.standard_normal(x.shape)
@@ -187,23 +191,29 @@ def check_conv(f, lib):
     yield "conv_forward: known answer", lambda: compare(
         "y", f.conv_forward(x, w_edge, np.array([0.5])), np.full((1, 2, 2, 1), -1.5))
 
+    # two input channels, so that the weights' flattening order shows: channel 0's top-right tap
+    # picks 2 and channel 1's bottom-left tap 30; weights flattened channel-first, or with rows and
+    # columns swapped, pick other pixels
+    x2 = np.stack([[[1.0, 2.0], [3.0, 4.0]], [[10.0, 20.0], [30.0, 40.0]]], axis=-1)[None]   # (1, 2, 2, 2)
+    w2 = np.zeros((1, 2, 2, 2))
+    w2[0, 0, 0, 1], w2[0, 1, 1, 0] = 1.0, 1.0
+    yield "conv_forward: known answer, two input channels", lambda: compare(
+        "y", f.conv_forward(x2, w2, np.array([0.5])), np.full((1, 1, 1, 1), 32.5))
+
     def conv_lib():
         x, w, b = rng.standard_normal((2, 6, 5, 3)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
         for s, p in ((1, 1), (2, 1)):
             compare(f"y (stride {s}, padding {p})", f.conv_forward(x, w, b, s, p), lib["conv_forward"](x, w, b, s, p))
     yield "conv_forward: agrees with the library", conv_lib
+    # dx, dw and db each a check of its own: a wrong dx must not hide a wrong dw
     for stride, padding in ((1, 1), (2, 1)):
-        def conv_fd(stride=stride, padding=padding):
-            x, w, b = rng.standard_normal((2, 5, 5, 2)), rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(3)
-            r = rng.standard_normal(lib["conv_forward"](x, w, b, stride, padding).shape)
-            dx, dw, db = f.conv_backward(x, w, r, stride, padding)
-
-            def loss():
-                return (lib["conv_forward"](x, w, b, stride, padding) * r).sum()
-            gradient("dx", dx, loss, x)
-            gradient("dw", dw, loss, w)
-            gradient("db", db, loss, b)
-        yield f"conv_backward: finite differences (stride {stride}, padding {padding})", conv_fd
+        x, w, b = rng.standard_normal((2, 5, 5, 2)), rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(3)
+        r = rng.standard_normal(lib["conv_forward"](x, w, b, stride, padding).shape)
+        for i, (name, wrt) in enumerate((("dx", x), ("dw", w), ("db", b))):
+            def conv_fd(i=i, name=name, wrt=wrt, x=x, w=w, b=b, r=r, stride=stride, padding=padding):
+                grads = f.conv_backward(x, w, r, stride, padding)
+                gradient(name, grads[i], lambda: (lib["conv_forward"](x, w, b, stride, padding) * r).sum(), wrt)
+            yield f"conv_backward {name}: finite differences (stride {stride}, padding {padding})", conv_fd
 
 
 def check_batchnorm(f, lib):
@@ -219,17 +229,13 @@ def check_batchnorm(f, lib):
         var = x.var(axis=(0, 1, 2))
         return gamma * (x - mean) / np.sqrt(var + eps) + beta
 
-    def bn_fd():
-        x, gamma, beta = rng.standard_normal((3, 3, 2, 4)), rng.standard_normal(4), rng.standard_normal(4)
-        r = rng.standard_normal(x.shape)
-        dx, dgamma, dbeta = f.batchnorm_backward(x, gamma, r)
-
-        def loss():
-            return (bn(x, gamma, beta) * r).sum()
-        gradient("dx", dx, loss, x)
-        gradient("dgamma", dgamma, loss, gamma)
-        gradient("dbeta", dbeta, loss, beta)
-    yield "batchnorm_backward: finite differences", bn_fd
+    xb, gamma, beta = rng.standard_normal((3, 3, 2, 4)), rng.standard_normal(4), rng.standard_normal(4)
+    rb = rng.standard_normal(xb.shape)
+    for i, (name, wrt) in enumerate((("dx", xb), ("dgamma", gamma), ("dbeta", beta))):
+        def bn_fd(i=i, name=name, wrt=wrt):
+            grads = f.batchnorm_backward(xb, gamma, rb)
+            gradient(name, grads[i], lambda: (bn(xb, gamma, beta) * rb).sum(), wrt)
+        yield f"batchnorm_backward {name}: finite differences", bn_fd
 
     def bn_lib():
         x, gamma, r = rng.standard_normal((5, 2, 3, 3)), rng.standard_normal(3), rng.standard_normal((5, 2, 3, 3))
@@ -253,6 +259,19 @@ def check_protonet_loss(f, lib):
         compare("loss", loss, lib["protonet_loss"](z, way, shot, query)[0])
         gradient("dz", dz, lambda: lib["protonet_loss"](z, way, shot, query)[0], z)
     yield "protonet_loss: agrees with the library, and dz with finite differences", fd
+
+    def dz_rows():
+        way, shot, query = 3, 2, 2
+        z = rng.standard_normal((way * (shot + query), 4))
+        got, want = f.protonet_loss(z, way, shot, query)[1], lib["protonet_loss"](z, way, shot, query)[1]
+        compare("dz's shape", np.shape(got), np.shape(want))
+        wrong = ~np.isclose(got, want, atol=1e-9, rtol=1e-7).all(axis=1)
+        if wrong.any():
+            n_s = way * shot
+            raise Failed(f"dz is wrong in {wrong[:n_s].sum()} of the {n_s} support rows (rows 0 to {n_s - 1}: "
+                         f"their gradient comes through the prototypes) and {wrong[n_s:].sum()} of the "
+                         f"{len(z) - n_s} query rows (rows {n_s} to {len(z) - 1}: through their distances)")
+    yield "protonet_loss: dz row by row, support and query", dz_rows
 
 
 def check_collapse(f, lib):

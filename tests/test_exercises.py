@@ -33,6 +33,14 @@ def _im2col_channel_first(x, k, stride=1, padding=0):
     return cols.reshape(-1, k, k, c).transpose(0, 3, 1, 2).reshape(cols.shape)
 
 
+def _conv_weights_channel_first(x, w, b, stride=1, padding=0):
+    """The classic mistake: weights flattened (in, row, column), patches (row, column, in)."""
+    lib = ex.library_module()
+    cols = lib.im2col(x, w.shape[2], stride, padding)
+    y = cols @ w.reshape(w.shape[0], -1).T + b
+    return y.reshape(lib.conv_forward(x, w, b, stride, padding).shape)
+
+
 def _bn_without_the_statistics(x, gamma, dout, eps=1e-5):
     """Differentiates as if mean and variance were constants (right only in evaluation mode)."""
     dx, dgamma, dbeta = ex.library_module().batchnorm_backward(x, gamma, dout, eps)
@@ -61,9 +69,16 @@ def _adam_without_bias_correction(p, g, m, v, t, lr=1e-3, betas=(0.9, 0.999), ep
      "cols is wrong at"),
     ("conv", broken(conv_backward=lambda x, w, dout, stride=1, padding=0: (
         np.zeros(x.shape), *ex.library_module().conv_backward(x, w, dout, stride, padding)[1:])),
-     "conv_backward: finite differences (stride 1, padding 1)",
+     "conv_backward dx: finite differences (stride 1, padding 1)",
      "dx disagrees with finite differences: relative error 1.00e+00 (must be below 1e-06)"),
-    ("batchnorm", broken(batchnorm_backward=_bn_without_the_statistics), "batchnorm_backward: finite differences",
+    ("conv", broken(conv_forward=_conv_weights_channel_first), "conv_forward: known answer, two input channels",
+     "y is wrong at 1 of 1 entries; the worst is at index (0, 0, 0, 0): 14.5, expected 32.5"),
+    ("relu_maxpool", broken(relu_backward=lambda x, dout: dout * (x >= 0)), "relu_backward: known answer at x = 0 (no gradient there)",
+     "dx is wrong at 2 of 3 entries"),
+    ("protonet_loss", broken(protonet_loss=lambda z, w, s, q: (lambda l, dz: (l, dz * np.r_[np.ones(w * s), -np.ones(w * q)][:, None]))(
+        *ex.library_module().protonet_loss(z, w, s, q))),
+     "protonet_loss: dz row by row, support and query", "dz is wrong in 0 of the 6 support rows"),
+    ("batchnorm", broken(batchnorm_backward=_bn_without_the_statistics), "batchnorm_backward dx: finite differences",
      "dx disagrees with finite differences"),
     ("protonet_loss", broken(protonet_loss=lambda z, w, s, q: (lambda l, dz: (l, dz / 2))(
         *ex.library_module().protonet_loss(z, w, s, q))),
