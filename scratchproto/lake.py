@@ -177,12 +177,25 @@ def training_split(ckpt, meta):
     return saved.get("train_split") or ("trainval" if saved.get("trainval") else "train")
 
 
+def error_interval(mean_error, runs=RUNS, z=1.96):
+    """The 95% interval (Wilson's score interval) of a mean error over ``runs`` runs of WAY test
+    drawings each (400 trials for the benchmark's 20 runs): what the 20 runs can and cannot
+    separate. Returns (low, high) as fractions."""
+    n = runs * WAY
+    p = mean_error
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def format_result(result):
     """The per-run errors and the mean, with the published figures beside them, as text lines."""
     lines = [f"{r['run']}: error {100 * r['error']:5.1f}%" + ("  (characters seen in training)"
                                                               if r["seen_in_training"] else "")
              for r in result["runs"]]
-    lines.append(f"mean over the {len(result['runs'])} runs: error {100 * result['mean_error']:.2f}%")
+    low, high = error_interval(result["mean_error"], len(result["runs"]))
+    lines.append(f"mean over the {len(result['runs'])} runs: error {100 * result['mean_error']:.2f}% "
+                 f"(95% interval {100 * low:.1f}% to {100 * high:.1f}%, {len(result['runs']) * WAY} trials)")
     if result["mean_error_unseen"] is not None and len(result["runs"]) != sum(
             not r["seen_in_training"] for r in result["runs"]):
         n = sum(not r["seen_in_training"] for r in result["runs"])

@@ -305,13 +305,16 @@ def lake_label(path):
 def lake_table(paths):
     """A Markdown table of --lake evaluations (eval_lake.json files), the errors published by Lake
     et al. 2015 below."""
-    from .lake import PUBLISHED
-    lines = ["| model | epoch | error, 20 runs | error, runs of unseen characters |", "| --- | --- | --- | --- |"]
+    from .lake import PUBLISHED, error_interval
+    lines = ["| model | epoch | error, 20 runs (95% interval) | error, runs of unseen characters |",
+             "| --- | --- | --- | --- |"]
     for path in paths:
         r = files.read_json(path, "--lake evaluation")
         unseen = r["mean_error_unseen"]
         n = sum(not x["seen_in_training"] for x in r["runs"])
-        lines.append(f"| {lake_label(path)} | {r['epoch']} | {100 * r['mean_error']:.2f}% | "
+        low, high = error_interval(r["mean_error"], len(r["runs"]))
+        lines.append(f"| {lake_label(path)} | {r['epoch']} | {100 * r['mean_error']:.2f}% "
+                     f"({100 * low:.1f} to {100 * high:.1f}) | "
                      + (f"{100 * unseen:.2f}% ({n} runs) |" if unseen is not None else "(none) |"))
     lines += [f"| published: {name} | | {err:.1f}% | |" for name, err in PUBLISHED.items()]
     return "\n".join(lines)

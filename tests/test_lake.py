@@ -234,7 +234,9 @@ def test_cli_lake_evaluation(omniglot, tmp_path):
     p = cli("--plot-lake", str(run / "eval_lake.json"))
     assert p.returncode == 0, p.stderr
     # a run folder's own eval_lake.json is named by the folder
-    assert f"| run | 1 | {100 * out['mean_error']:.2f}% |" in p.stdout and "| published: people | | 4.5% | |" in p.stdout
+    low, high = sp.lake.error_interval(out["mean_error"])
+    assert (f"| run | 1 | {100 * out['mean_error']:.2f}% ({100 * low:.1f} to {100 * high:.1f}) |" in p.stdout
+            and "| published: people | | 4.5% | |" in p.stdout)
     assert (run / "lake_errors.png").read_bytes()[:4] == b"\x89PNG"
     for args, message in ((["--lake"], "--lake goes with --eval CKPT"),
                           (["--eval", str(run / "best.npz"), "--lake", "--standard"], "in place of --standard"),
@@ -242,3 +244,18 @@ def test_cli_lake_evaluation(omniglot, tmp_path):
                           (["--no-rotations", "--data", str(data)], "--no-rotations goes with --train-split background")):
         p = cli(*args)
         assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_the_error_interval_is_wilsons():
+    """Known cases, and a dense reference: the interval is the set of true error rates p0 that a
+    normal test would not reject at 5%, (p - p0)^2 <= z^2 p0 (1 - p0) / n, found on a fine grid."""
+    from scratchproto.lake import error_interval
+    low, high = error_interval(0.0)
+    assert low == 0.0 and abs(high - 1.96 ** 2 / (400 + 1.96 ** 2)) < 1e-12      # no error in 400 trials
+    assert error_interval(0.5)[0] == pytest.approx(1 - error_interval(0.5)[1])    # symmetric at 1/2
+    grid = np.linspace(0, 1, 2_000_001)
+    for p, runs in ((0.1, 20), (0.0325, 20), (0.15, 5)):
+        n = runs * 20
+        inside = grid[(p - grid) ** 2 <= 1.96 ** 2 * grid * (1 - grid) / n]
+        low, high = error_interval(p, runs)
+        assert abs(low - inside.min()) < 1e-6 and abs(high - inside.max()) < 1e-6
