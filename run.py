@@ -47,6 +47,10 @@ def parser():
     m = p.add_argument_group("model")
     m.add_argument("--backbone", choices=BACKBONES, default=D.backbone, help="embedding network (default: %(default)s)")
     m.add_argument("--width", type=int, default=D.width, help="ConvNet channels per block (default: %(default)s)")
+    m.add_argument("--image-size", type=int, default=D.image_size, metavar="PIXELS",
+                   help="the side Omniglot's 105x105 drawings are resized to, a multiple of 4 from 16 "
+                        "to 104 (default: %(default)s, the paper's; ConvNet only). Recorded in the "
+                        "checkpoints, whose evaluations draw their images at the same size")
     m.add_argument("--device", choices=sp.backend.DEVICES, default=None,
                    help="cpu (NumPy), gpu (CuPy; falls back to the CPU with a warning) or auto (default: auto)")
     m.add_argument("--require-gpu", action="store_true",

@@ -128,6 +128,15 @@ def load_backbone(path, xp):
     return meta, net
 
 
+def image_size(meta):
+    """The side of the images a checkpoint's model was trained on (28, the paper's, for
+    checkpoints written before the setting existed); evaluations draw theirs at that size."""
+    size = meta.get("image_size", 28)
+    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 104:
+        raise UserError(f"a checkpoint's metadata has image_size {size!r}: damaged")
+    return size
+
+
 def describe(meta):
     """'convnet of width 64' or 'resnet18', from a checkpoint's meta."""
     return f"{meta['backbone']} of width {meta.get('width') or 64}" if meta["backbone"] == "convnet" else meta["backbone"]

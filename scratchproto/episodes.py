@@ -43,12 +43,13 @@ def draw(rng, n_classes, way, per_class):
 
 
 # Koch et al.'s distortions: each of these applied with probability 1/2, uniformly within its range.
-# Their translation, +-2 pixels of a 105-pixel image, is +-0.53 of a 28-pixel one.
-ROTATE_DEG, SHEAR, SCALE, SHIFT_PX = 10.0, 0.3, (0.8, 1.2), 2 * 28 / 105
+# Their translation, +-2 pixels of a 105-pixel image, is +-0.53 of a 28-pixel one (a fraction of
+# the image's side, so that it scales with --image-size).
+ROTATE_DEG, SHEAR, SCALE, SHIFT = 10.0, 0.3, (0.8, 1.2), 2 / 105
 
 
 def distort(images, rng):
-    """Each image (..., 1, 28, 28) moved by a random affine map: rotation, shear, scale (rows and
+    """Each image (..., 1, size, size) moved by a random affine map: rotation, shear, scale (rows and
     columns apart) and shift, each part applied with probability 1/2 (ranges above), about the
     image's centre.
     Nearest-neighbour sampling keeps the binary images binary; pixels from outside are 0."""
@@ -59,7 +60,7 @@ def distort(images, rng):
     theta = np.deg2rad(rng.uniform(-ROTATE_DEG, ROTATE_DEG, n)) * on[:, 0]
     shear = rng.uniform(-SHEAR, SHEAR, (n, 2)) * on[:, 1:2]
     scale = np.where(on[:, 2:3], rng.uniform(*SCALE, (n, 2)), 1.0)
-    shift = rng.uniform(-SHIFT_PX, SHIFT_PX, (n, 2)) * on[:, 3:4]
+    shift = rng.uniform(-SHIFT * size, SHIFT * size, (n, 2)) * on[:, 3:4]
     cos, sin = np.cos(theta), np.sin(theta)
     rot = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)        # (n, 2, 2)
     shr = np.stack([np.stack([np.ones(n), shear[:, 0]], -1), np.stack([shear[:, 1], np.ones(n)], -1)], -2)
@@ -86,7 +87,8 @@ def episodes(ds, split, way=60, shot=5, query=5, n=100, seed=0, device="cpu", ro
              within_alphabet=False, augment=False, flags=""):
     """Yield ``n`` episodes (xs, xq) of split ``split`` of Omniglot ``ds``.
 
-    xs: (way, shot, 1, 28, 28), xq: (way, query, 1, 28, 28), float32, on ``device`` ('cpu',
+    xs: (way, shot, 1, S, S), xq: (way, query, 1, S, S) (S: the data set's image size, 28 the
+    paper's), float32, on ``device`` ('cpu',
     'gpu', 'auto', or an array module). ``seed`` (an int or a sequence of ints) fixes the
     episodes: the same seed gives the same episodes. ``rotations=False``: unrotated characters
     only; ``within_alphabet``: every episode's classes from one alphabet; ``augment``: every image
@@ -116,7 +118,7 @@ def episodes(ds, split, way=60, shot=5, query=5, n=100, seed=0, device="cpu", ro
             cls = group[cls]
         else:
             cls, drawers = draw(rng, len(names), way, shot + query)
-        bits = ds.bits[rows[cls][:, None], rots[cls][:, None], drawers]          # (way, s+q, 98)
+        bits = ds.bits[rows[cls][:, None], rots[cls][:, None], drawers]          # (way, s+q, S*S/8)
         x = unpack(bits)
         x = xp.asarray(distort(x, distortions) if augment else x)
         yield x[:, :shot], x[:, shot:]

@@ -82,7 +82,7 @@ def _verify(path, what, todo):
         raise DataError(f"{what} (sha256 {digest[:16]}..., expected {SHA256[:16]}...); {todo}")
 
 
-def _image(zf, name, path):
+def _image(zf, name, path, size):
     from PIL import Image
     try:
         data = zf.read(name)
@@ -91,10 +91,10 @@ def _image(zf, name, path):
     with Image.open(io.BytesIO(data)) as img:
         if img.size != (105, 105):
             raise DataError(f"{name} in {path} is {img.size[0]}x{img.size[1]}, expected 105x105")
-        return preprocess(img, rotations=(0,)).astype(np.float32)     # (1, 28, 28)
+        return preprocess(img, rotations=(0,), size=size).astype(np.float32)     # (1, size, size)
 
 
-def read_runs(path):
+def read_runs(path, size=28):
     """The runs of a zip in all_runs.zip's layout (runNN/{training,test}/..., class_labels.txt).
 
     Any such zip is read (the tests use small synthetic ones); fetch() is what verifies the real
@@ -114,8 +114,8 @@ def read_runs(path):
                 if len(pairs) != 2 * WAY:
                     raise DataError(f"{name}/class_labels.txt in {path} pairs {len(pairs) // 2} "
                                     f"images, expected {WAY}")
-                train = np.stack([_image(zf, f"{name}/training/class{m:02d}.png", path) for m in range(1, WAY + 1)])
-                test = np.stack([_image(zf, f"{name}/test/item{k:02d}.png", path) for k in range(1, WAY + 1)])
+                train = np.stack([_image(zf, f"{name}/training/class{m:02d}.png", path, size) for m in range(1, WAY + 1)])
+                test = np.stack([_image(zf, f"{name}/test/item{k:02d}.png", path, size) for k in range(1, WAY + 1)])
                 answer = np.empty(WAY, dtype=int)
                 for item, cls in zip(pairs[::2], pairs[1::2]):
                     k, m = int(re.search(r"item(\d+)", item)[1]), int(re.search(r"class(\d+)", cls)[1])
@@ -146,8 +146,8 @@ def evaluate(ckpt, device="auto", data="data/omniglot", mirror=None, progress=Tr
     [{"run", "error", "seen_in_training"}], "mean_error", "mean_error_unseen", "published"}.
     ``seen_in_training`` marks the runs whose characters the checkpoint trained on (the Vinyals
     split's training classes; never for --train-split background)."""
-    checkpoint.load(ckpt)     # refused before any download if it is not a checkpoint
-    runs = read_runs(fetch(data, mirror, progress))
+    size = checkpoint.image_size(checkpoint.load(ckpt)[0])   # refused before any download if it is not a checkpoint
+    runs = read_runs(fetch(data, mirror, progress), size)
     if len(runs) != RUNS:
         raise DataError(f"{FILE} holds {len(runs)} runs, expected {RUNS}")
     xp = backend.get_xp(device)
@@ -158,11 +158,12 @@ def evaluate(ckpt, device="auto", data="data/omniglot", mirror=None, progress=Tr
     rows = [{"run": r.name, "error": e, "seen_in_training": seen and int(r.name[3:]) in SEEN_BY_VINYALS_TRAIN}
             for r, e in zip(runs, errors)]
     unseen = [r["error"] for r in rows if not r["seen_in_training"]]
-    return {"checkpoint": str(ckpt), "epoch": meta.get("epoch"), "backbone": meta["backbone"],
-            "benchmark": "Lake et al. 2015, 20 runs of 20-way within-alphabet one-shot classification",
-            "runs": rows, "mean_error": float(np.mean(errors)),
-            "mean_error_unseen": float(np.mean(unseen)) if unseen else None,
-            "published": {k: v / 100 for k, v in PUBLISHED.items()}}
+    out = {"checkpoint": str(ckpt), "epoch": meta.get("epoch"), "backbone": meta["backbone"],
+           "benchmark": "Lake et al. 2015, 20 runs of 20-way within-alphabet one-shot classification",
+           "runs": rows, "mean_error": float(np.mean(errors)),
+           "mean_error_unseen": float(np.mean(unseen)) if unseen else None,
+           "published": {k: v / 100 for k, v in PUBLISHED.items()}}
+    return {**out, "image_size": size} if size != 28 else out       # (the paper's size: as before)
 
 
 def training_split(ckpt, meta):

@@ -22,6 +22,7 @@ hashes; the cache is rebuilt whenever either changes.
 import hashlib
 import io
 import json
+import math
 import os
 import pathlib
 import sys
@@ -118,18 +119,27 @@ def download(url, dest, progress=True):
 
 # -- verification and preprocessing ---------------------------------------------------------
 
-def preprocess(img, rotations=ROTATIONS):
-    """A 105x105 mode-'1' PIL image -> (len(rotations), 28, 28) bool, strokes True, one per
-    rotation (counter-clockwise degrees)."""
-    out = np.empty((len(rotations), SIZE, SIZE), dtype=bool)
+def preprocess(img, rotations=ROTATIONS, size=SIZE):
+    """A 105x105 mode-'1' PIL image -> (len(rotations), size, size) bool, strokes True, one per
+    rotation (counter-clockwise degrees); size 28 is the paper's."""
+    out = np.empty((len(rotations), size, size), dtype=bool)
     for r, angle in enumerate(rotations):
         # rotate() by a multiple of 90 degrees is an exact transpose; resize() of a 1-bit image
         # is nearest-neighbour. In the PNGs True is background, so invert.
-        out[r] = ~np.asarray(img.rotate(angle).resize((SIZE, SIZE)), dtype=bool)
+        out[r] = ~np.asarray(img.rotate(angle).resize((size, size)), dtype=bool)
     return out
 
 
-def read_archive(path, name):
+def check_size(size):
+    """UserError unless ``size`` is an image side this project can use: a multiple of 4 (whole
+    bytes per packed image, and the ConvNet's four poolings) from 16 to 104."""
+    if isinstance(size, bool) or not isinstance(size, int) or size % 4 or not 16 <= size <= 104:
+        raise UserError(f"--image-size must be a multiple of 4 from 16 to 104 (Omniglot's drawings are "
+                        f"105x105), got {size}")
+    return size
+
+
+def read_archive(path, name, size=SIZE):
     """Decode, verify and preprocess one archive.
 
     Returns (characters ['Alphabet/characterNN', ...], bits uint8 (n_chars, 4, 20, 98)).
@@ -149,7 +159,7 @@ def read_archive(path, name):
                     if not chars or chars[-1] != char:
                         chars.append(char)
                         images.append([])
-                    images[-1].append(preprocess(img))
+                    images[-1].append(preprocess(img, size=size))
     except Exception as e:  # zipfile.BadZipFile, zlib/CRC errors, PIL decoding errors, ...
         raise _Invalid(f"is not a readable Omniglot archive ({type(e).__name__}: {e})") from None
     if digest.hexdigest() != ARCHIVES[name]:
@@ -183,10 +193,10 @@ def _file_sha256(path):
     return h.hexdigest()
 
 
-def _cache_meta(paths):
+def _cache_meta(paths, size=SIZE):
     """What the cache depends on: the preprocessing settings and the archives' exact bytes (whose
     content digest was verified when the cache was built)."""
-    return {"format": CACHE_FORMAT, "size": SIZE, "rotations": list(ROTATIONS),
+    return {"format": CACHE_FORMAT, "size": size, "rotations": list(ROTATIONS),
             "archives": {n: {"content": ARCHIVES[n], "bytes": _file_sha256(p)} for n, p in paths.items()}}
 
 
@@ -200,9 +210,9 @@ class Omniglot:
         ds.images("Angelic/character01/rot090")  # (20, 1, 28, 28) float32, strokes 1.0
     """
 
-    def __init__(self, root="data/omniglot", mirror=None, progress=True):
+    def __init__(self, root="data/omniglot", mirror=None, progress=True, size=SIZE):
         self.root = pathlib.Path(root)
-        self.mirror, self.progress = mirror, progress
+        self.mirror, self.progress, self.size = mirror, progress, check_size(size)
         files.ensure_folder(self.root, "Omniglot folder (--data)")
         self._splits = {name: self._fetch(f"splits/vinyals/{name}.txt", read_split, name)
                         for name in SPLITS}
@@ -245,23 +255,23 @@ class Omniglot:
         return result
 
     def _load_images(self):
-        cache = self.root / CACHE_NAME
+        cache = self.root / f"cache{self.size}.npz"        # one per image size (CACHE_NAME: the paper's)
         paths = {name: self.root / f"{name}.zip" for name in ARCHIVES}
         if all(p.exists() for p in paths.values()) and cache.exists():
             try:
                 with np.load(cache) as z:
-                    if json.loads(str(z["meta"])) == _cache_meta(paths):
+                    if json.loads(str(z["meta"])) == _cache_meta(paths, self.size):
                         self._set(list(z["chars"]), z["bits"])
                         return
             except Exception:
                 pass   # unreadable or stale cache: rebuild it below
         chars, bits = [], []
         for name in ARCHIVES:
-            c, b = self._fetch(f"{name}.zip", read_archive, name)
+            c, b = self._fetch(f"{name}.zip", lambda path, n: read_archive(path, n, self.size), name)
             chars += c
             bits.append(b)
         self._set(chars, np.concatenate(bits))
-        meta = json.dumps(_cache_meta(paths))
+        meta = json.dumps(_cache_meta(paths, self.size))
         try:
             files.atomic_write(cache, lambda f: np.savez(f, meta=meta, chars=np.array(chars), bits=self.bits))
         except files.FileError as e:   # the images are in memory: go on, just without the cache
@@ -292,12 +302,14 @@ class Omniglot:
             raise UserError(f"unknown Omniglot class {name!r}") from None
 
     def images(self, name):
-        """The 20 drawers' images of one class: (20, 1, 28, 28) float32, strokes 1.0, background 0.0."""
+        """The 20 drawers' images of one class: (20, 1, size, size) float32, strokes 1.0, background 0.0."""
         row, rot = self.class_index(name)
         return unpack(self.bits[row, rot])
 
 
 def unpack(bits):
-    """Packed rows (..., 98) uint8 -> float32 images (..., 1, 28, 28)."""
-    px = np.unpackbits(bits, axis=-1, count=SIZE * SIZE)
-    return px.reshape(*bits.shape[:-1], 1, SIZE, SIZE).astype(np.float32)
+    """Packed rows (..., size * size / 8) uint8 -> float32 images (..., 1, size, size): 98 bytes
+    a row for the paper's 28x28 (a side that is a multiple of 4 packs into whole bytes)."""
+    size = math.isqrt(8 * bits.shape[-1])
+    px = np.unpackbits(bits, axis=-1, count=size * size)
+    return px.reshape(*bits.shape[:-1], 1, size, size).astype(np.float32)

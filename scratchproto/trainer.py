@@ -28,7 +28,7 @@ from .backbones import build_backbone
 from .collapse import METRICS
 from .episodes import check_episode, episodes
 from .errors import UserError
-from .omniglot import Omniglot
+from .omniglot import Omniglot, check_size as check_image_size
 from .optim import Adam, step_lr
 from .protonet import ProtoNet
 
@@ -59,6 +59,7 @@ class Config:
     rotations: bool = True              # rotated characters as classes (background only)
     within_alphabet: bool = False       # every training episode's classes from one alphabet
     augment: bool = False               # training images distorted by random affine maps
+    image_size: int = 28                # the side the 105x105 drawings are resized to (the paper's: 28)
     data: str = "data/omniglot"
     mirror: str = None
 
@@ -186,6 +187,10 @@ def check_choices(cfg):
     if not cfg.rotations and cfg.train_split != "background":
         raise UserError("--no-rotations goes with --train-split background (the Vinyals split "
                         "files list their rotated classes)")
+    check_image_size(cfg.image_size)
+    if cfg.image_size != 28 and cfg.backbone != "convnet":
+        raise UserError(f"--image-size {cfg.image_size} goes with the ConvNet: ResNet-18's final "
+                        f"4x4 pooling is laid out for 28x28 images")
 
 
 def _episodes(ds, cfg, part, epoch, xp=np):
@@ -208,13 +213,13 @@ def _episodes(ds, cfg, part, epoch, xp=np):
 def memory_estimate(cfg):
     """Bytes a training run needs at least, counted from its settings: the float32 parameters
     with their gradient and Adam's two moments, and the largest episode's first-layer activations
-    (its images times the first block's channels at 28x28, kept for the backward pass, twice).
+    (its images times the first block's channels at the image size, kept for the backward pass, twice).
     An underestimate: it stops only runs that cannot fit anywhere near."""
     w = cfg.width if cfg.backbone == "convnet" else 512
     params = 9 * w + 3 * 9 * w * w if cfg.backbone == "convnet" else 11_168_832
     images = max(cfg.train_way * (cfg.train_shot + cfg.train_query), cfg.val_way * (cfg.val_shot + cfg.val_query))
     first = w if cfg.backbone == "convnet" else 64
-    return 4 * (4 * params + 2 * images * 28 * 28 * first)
+    return 4 * (4 * params + 2 * images * cfg.image_size ** 2 * first)
 
 
 def check_size(cfg):
@@ -304,7 +309,7 @@ def train(cfg=None, out=None, resume=None, overrides=None, progress=True, log=pr
 def _train(cfg, run_dir, saved, progress, log):
     """The training loop of ``train``, in a locked run folder; ``saved``: the config.json of the
     run it resumes, None for a new run."""
-    ds = Omniglot(cfg.data, cfg.mirror, progress=progress)
+    ds = Omniglot(cfg.data, cfg.mirror, progress=progress, size=cfg.image_size)
     _check_config(cfg, ds)
     xp = backend.get_xp(cfg.device, cfg.tf32 or None)
     selfcheck.check(xp)
@@ -384,9 +389,11 @@ def _train(cfg, run_dir, saved, progress, log):
             files.append_line(trace_path, json.dumps(record), hint)
             if improved:
                 checkpoint.save(run_dir / "best.npz", net, opt, hint, epoch=e, best_loss=best,
-                                bad_epochs=0, seed=cfg.seed, train_split=cfg.train_split)
+                                bad_epochs=0, seed=cfg.seed, train_split=cfg.train_split,
+                                image_size=cfg.image_size)
             checkpoint.save(run_dir / "last.npz", net, opt, hint, epoch=e, best_loss=best,
-                            bad_epochs=bad, seed=cfg.seed, train_split=cfg.train_split)
+                            bad_epochs=bad, seed=cfg.seed, train_split=cfg.train_split,
+                            image_size=cfg.image_size)
             epoch = e
             log(summary(record, validate) + (" *" if improved else ""))
             figures.after_epoch(e, record["seconds"])
@@ -418,11 +425,11 @@ def episode_geometry(run_dir, way=5, shot=5, query=15, seed=0, progress=False):
     for path in ckpts:
         meta, net = checkpoint.load_backbone(path, np)
         panels.append((f"{path.name} (epoch {meta['epoch']})", net))
-    ds = Omniglot(cfg.data, cfg.mirror, progress=progress)
+    ds = Omniglot(cfg.data, cfg.mirror, progress=progress, size=cfg.image_size)
     split = cfg.splits[1] or "test"
     rotations = cfg.rotations if split.startswith("background") else True
     xs, xq = next(episodes(ds, split, way, shot, query, 1, seed=[seed, 1], device=np, rotations=rotations))
-    x = np.concatenate([xs.reshape(way * shot, 1, 28, 28), xq.reshape(way * query, 1, 28, 28)])
+    x = np.concatenate([xs.reshape(way * shot, *xs.shape[2:]), xq.reshape(way * query, *xq.shape[2:])])
     features = [(name, net.forward(x, train=False)) for name, net in panels]
     return plots.plot_geometry(run_dir, features, way, shot, query, f"one {way}-way {shot}-shot {split} episode")
 
@@ -537,8 +544,8 @@ def evaluate(ckpt, settings, split="test", query=15, n=1000, seed=0, device="aut
     Returns {"checkpoint", "split", "results": [{way, shot, query, episodes, acc, acc_ci95, loss,
     <metric>_support, <metric>_query ...}]}; acc_ci95 is 1.96 * std / sqrt(n) over episodes.
     """
-    checkpoint.load(ckpt)     # a bad checkpoint is refused before the data are loaded
-    ds = Omniglot(data, mirror, progress=progress)
+    size = checkpoint.image_size(checkpoint.load(ckpt)[0])   # a bad checkpoint is refused before the data are loaded
+    ds = Omniglot(data, mirror, progress=progress, size=size)     # the images at the size it trained on
     for way, shot in settings:
         check_episode(way, shot, query, len(ds.classes(split)), split)
     if int(n) != n or n < 1:
@@ -561,5 +568,6 @@ def evaluate(ckpt, settings, split="test", query=15, n=1000, seed=0, device="aut
         acc_sd = np.std(values["acc"], ddof=1) if n > 1 else 0.0
         results.append({"way": way, "shot": shot, "query": query, "episodes": n,
                         "acc": mean.pop("acc"), "acc_ci95": 1.96 * acc_sd / math.sqrt(n), **mean})
-    return {"checkpoint": str(ckpt), "epoch": meta.get("epoch"), "backbone": meta["backbone"],
-            "split": split, "results": results}
+    out = {"checkpoint": str(ckpt), "epoch": meta.get("epoch"), "backbone": meta["backbone"],
+           "split": split, "results": results}
+    return {**out, "image_size": size} if size != 28 else out       # (the paper's size: as before)

@@ -286,3 +286,28 @@ def test_augmented_episodes_draw_the_same_classes_and_drawers(omniglot, monkeypa
 def test_impossible_episodes_fail_at_once(omniglot, kwargs, message):
     with pytest.raises(sp.UserError, match=message):
         next(sp.episodes(omniglot, **kwargs))
+
+
+def test_another_image_size_has_its_own_cache_and_images(omniglot, tmp_path):
+    """--image-size: the same drawings resized to 32x32, cached beside the 28x28 ones, whose
+    cache is left as it was; the images agree with preprocessing one drawing by hand."""
+    root = tmp_path / "omniglot"
+    shutil.copytree(omniglot.root, root)
+    before = (root / "cache28.npz").read_bytes()
+    big = sp.Omniglot(root=root, mirror="http://127.0.0.1:9/offline", progress=False, size=32)
+    name = big.classes("test")[0]
+    images = big.images(name)
+    assert images.shape == (20, 1, 32, 32) and set(np.unique(images)) <= {0.0, 1.0}
+    assert (root / "cache32.npz").exists() and (root / "cache28.npz").read_bytes() == before
+    assert omniglot.images(name).shape == (20, 1, 28, 28)
+    again = sp.Omniglot(root=root, mirror="http://127.0.0.1:9/offline", progress=False, size=32)
+    assert np.array_equal(again.images(name), images)                     # from its cache
+    idx = ((np.arange(32) + 0.5) * 105 / 32).astype(int)                 # nearest neighbours, by hand
+    with zipfile.ZipFile(MIRROR / "images_evaluation.zip") as zf:
+        stroke = ~np.asarray(Image.open(io.BytesIO(zf.read("images_evaluation/Angelic/character01/0965_01.png"))),
+                             dtype=bool)
+    np.testing.assert_array_equal(big.images("Angelic/character01/rot090")[0, 0],
+                                  np.rot90(stroke, 1)[idx][:, idx].astype(np.float32))
+    for size in (30, 12, 108, 28.0):
+        with pytest.raises(sp.UserError, match="--image-size must be a multiple of 4 from 16 to 104"):
+            sp.Omniglot(root=root, progress=False, size=size)

@@ -1,6 +1,7 @@
 """Training, resuming, divergence, evaluation and figures, on a tiny configuration."""
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -340,3 +341,20 @@ def test_figures_are_redrawn_during_training_at_a_bounded_cost():
         figures.after_epoch(epoch, 10.0)
     assert lines == ["warning: the figures could not be redrawn during training (OSError: disk full); "
                      "they are drawn at the end, or with --plot"]
+
+
+def test_a_run_at_another_image_size_trains_and_evaluates_at_it(omniglot, tmp_path):
+    data = tmp_path / "omniglot"                 # a copy: the 32x32 cache stays out of the shared folder
+    shutil.copytree(omniglot.root, data)
+    run = trainer.train(tiny(omniglot, image_size=32, epochs=1, data=str(data)), out=tmp_path / "run",
+                        progress=False, log=lambda *a: None)
+    assert json.loads((run / "config.json").read_text())["config"]["image_size"] == 32
+    meta = checkpoint.load(run / "best.npz")[0]
+    assert meta["image_size"] == 32 and checkpoint.image_size(meta) == 32
+    out = trainer.evaluate(run / "best.npz", [(3, 1)], query=2, n=2, device="cpu", data=str(data),
+                           mirror="http://127.0.0.1:9/offline", progress=False)
+    assert out["image_size"] == 32 and out["results"][0]["episodes"] == 2
+    with pytest.raises(sp.UserError, match="--image-size 32 goes with the ConvNet"):
+        trainer.train(tiny(omniglot, backbone="resnet18", image_size=32), out=tmp_path / "r18", progress=False)
+    with pytest.raises(sp.UserError, match="--image-size must be a multiple of 4"):
+        trainer.train(tiny(omniglot, image_size=30), out=tmp_path / "odd", progress=False)
