@@ -134,10 +134,7 @@ def atomic_write(path, content, hint=None):
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content.encode() if isinstance(content, str) else content)
+            _put(f, content)
             f.flush()
             os.fsync(f.fileno())     # the bytes are on the disk before the name points at them
         os.replace(tmp, path)
@@ -162,12 +159,17 @@ def _write_through(path, content, hint):
     temporary file and no rename, which would replace the device itself with a file."""
     try:
         with open(path, "wb") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content.encode() if isinstance(content, str) else content)
+            _put(f, content)
     except OSError as e:
         raise fs_error(e, path, "write", hint) from None
+
+
+def _put(f, content):
+    """Write ``content`` (str, bytes, or a function that writes to a binary file) into ``f``."""
+    if callable(content):
+        content(f)
+    else:
+        f.write(content.encode() if isinstance(content, str) else content)
 
 
 def remove_stale_temps(path):
