@@ -37,6 +37,10 @@ def parser():
     mode.add_argument("--plot-lake", metavar="JSON", nargs="+",
                       help="Lake's benchmark: the error per run of --lake evaluations (lake_errors.png in "
                            "their common folder) and a table of them beside the published errors")
+    mode.add_argument("--plot-seeds", metavar="RUN_DIR", nargs="+",
+                      help="one model trained with several seeds: nc_seeds.png (each NC metric's "
+                           "mean and range over the seeds, per epoch) in their common folder, and "
+                           "a table of their test accuracies (eval.json) with mean ± sd over seeds")
     mode.add_argument("--strip", nargs=2, metavar=("CKPT", "DEST"),
                       help="write DEST, a copy of checkpoint CKPT without the optimiser's state (the "
                            "weights and BatchNorm buffers: a third of the size), to share or commit a "
@@ -140,8 +144,9 @@ RESUME_FLAGS = {"resume", *trainer.RESUME_OVERRIDES, "no_progress", "require_gpu
 def main(argv=None):
     args = parser().parse_args(argv)
     progress = not args.no_progress
-    if sum(x is not None for x in (args.resume, args.eval, args.plot, args.plot_sweep, args.plot_lake, args.strip)) > 1:
-        raise sp.UserError("choose one of --resume, --eval, --plot, --plot-sweep, --plot-lake and --strip")
+    if sum(x is not None for x in (args.resume, args.eval, args.plot, args.plot_sweep, args.plot_lake,
+                                   args.plot_seeds, args.strip)) > 1:
+        raise sp.UserError("choose one of --resume, --eval, --plot, --plot-sweep, --plot-lake, --plot-seeds and --strip")
     if args.at_epoch is not None and not args.plot_sweep:
         raise sp.UserError("--at-epoch N goes with --plot-sweep")
     # every number, before any work (a mistyped flag costs no download and no epoch)
@@ -158,6 +163,10 @@ def main(argv=None):
         path, rows = sp.plots.plot_sweep(args.plot_sweep, epoch=args.at_epoch)
         print(sp.plots.format_sweep(rows))
         print(f"wrote {path}")
+        return 0
+    if args.plot_seeds:
+        print(sp.plots.seed_table(args.plot_seeds))
+        print(f"wrote {sp.plots.plot_seeds(args.plot_seeds)}")
         return 0
     if args.plot_lake:
         print(sp.plots.lake_table(args.plot_lake))

@@ -295,6 +295,68 @@ def plot_sweep(run_dirs, out_dir=None, epoch=None):
     return out, rows
 
 
+SEED_SETTINGS = ((5, 5), (20, 5), (5, 1), (20, 1))     # the README table's order
+
+
+def seed_table(run_dirs):
+    """A Markdown table of the same model trained with several seeds: each run's test accuracy
+    (its eval.json, ± its 95% interval over test episodes) per standard setting, then the mean
+    and the standard deviation over the runs (over seeds: what decides whether a gap is real)."""
+    evals = []
+    for d in run_dirs:
+        ev = files.read_json(pathlib.Path(d) / "eval.json", "evaluation")
+        evals.append({(r["way"], r["shot"]): r for r in ev["results"]})
+    settings = [k for k in SEED_SETTINGS if all(k in e for e in evals)]
+    if not settings:
+        raise UserError("the runs' eval.json files share none of the standard settings (run --eval --standard)")
+    head = ["test episodes"] + [shown(pathlib.Path(d).name) for d in run_dirs] + [f"mean ± sd over {len(evals)} seeds"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for way, shot in settings:
+        accs = [100 * e[(way, shot)]["acc"] for e in evals]
+        cells = [f"{way}-way {shot}-shot"]
+        cells += [f"{a:.2f}% ± {100 * e[(way, shot)]['acc_ci95']:.2f}" for a, e in zip(accs, evals)]
+        sd = np.std(accs, ddof=1) if len(accs) > 1 else float("nan")
+        cells.append(f"{np.mean(accs):.2f}% ± {sd:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_seeds(run_dirs, out=None):
+    """nc_seeds.png (in the runs' common parent folder, or ``out``): for runs of one model with
+    different seeds, each NC metric's band over the seeds per epoch (the mean, and the range from
+    the lowest to the highest seed), on training and (where there are some) validation episodes:
+    which features of the curves hold across seeds. Epochs up to the shortest run. Returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traces = [read_trace(d) for d in run_dirs]
+    n = min(len(t) for t in traces)
+    epochs = [r["epoch"] for r in traces[0][:n]]
+    parts = _parts(traces[0][0])
+    fig, axes = plt.subplots(len(parts), 2, figsize=(11, 3.6 * len(parts)), squeeze=False)
+    for row, part in zip(axes, parts):
+        for ax, metric in zip(row, ("nc1", "nc2")):
+            for side, color in (("support", "tab:blue"), ("query", "tab:orange")):
+                values = np.array([[r[part][f"{metric}_{side}"] for r in t[:n]] for t in traces], dtype=float)
+                if np.isnan(values).all():          # NC1 of one image per class: undefined
+                    continue
+                ax.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=color, alpha=0.25, lw=0)
+                ax.plot(epochs, values.mean(axis=0), color=color, label=f"{side}: mean, and range over {len(traces)} seeds")
+            ax.set_title(f"{metric.upper()} on {'training' if part == 'train' else 'validation'} episodes", fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(metric.upper())
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            _whole_epochs(ax)
+    fig.suptitle(f"{', '.join(shown(pathlib.Path(d).name) for d in run_dirs)}: neural collapse over seeds")
+    fig.tight_layout()
+    if out is None:
+        out = pathlib.Path(os.path.commonpath([str(pathlib.Path(d).parent) for d in run_dirs])) / "nc_seeds.png"
+    _save(fig, out)
+    return out
+
+
 def lake_label(path):
     """A --lake evaluation's name in tables and legends: its file name, or for a run folder's own
     eval_lake.json, the folder's (results/lake/bg-mixed/eval_lake.json -> bg-mixed)."""

@@ -36,7 +36,7 @@ def test_help_lists_the_protocol_and_its_defaults():
     (["--eval", "missing.npz"], "error: no checkpoint at missing.npz"),
     (["--plot", "nowhere"], "error: no trace at nowhere/trace.jsonl"),
     (["--resume", "nowhere"], "error: nowhere is not a run folder to resume (it does not exist)"),
-    (["--eval", "x.npz", "--plot", "y"], "error: choose one of --resume, --eval, --plot, --plot-sweep, --plot-lake and --strip"),
+    (["--eval", "x.npz", "--plot", "y"], "error: choose one of --resume, --eval, --plot, --plot-sweep, --plot-lake, --plot-seeds and --strip"),
     (["--strip", "a.npz", "./a.npz"], "error: --strip CKPT DEST: DEST must be another file than CKPT"),
     (["--strip", "missing.npz", "b.npz"], "error: no checkpoint at missing.npz"),
     (["--plot-sweep", "nowhere"], "error: no trace at nowhere/trace.jsonl"),
@@ -203,3 +203,22 @@ def test_compare_without_pytorch_says_how_to_make_it(tmp_path):
         assert p.stderr.startswith(f"error: --torch-python {python} {says}" if says == "is not there"
                                    else f"error: {python} {says}"), p.stderr
         assert p.stderr.strip().endswith("../torchref/bin/pip install torch==2.13.0 numpy")
+
+
+def test_plot_seeds_draws_bands_and_tabulates_mean_and_sd(tmp_path):
+    """Two synthetic runs of one model: the table's mean and standard deviation over seeds are
+    the plain ones of the two accuracies, and the band figure is written where it says."""
+    keys = ["nc1_support", "nc1_query", "nc2_support", "nc2_query"]
+    for seed, (acc, shift) in enumerate(((0.9, 0.0), (0.8, 1.0))):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        lines = [json.dumps({"epoch": e, "train": {"loss": 1.0 / e, **{k: shift + 1.0 / e for k in keys}}})
+                 for e in (1, 2, 3)]
+        (folder / "trace.jsonl").write_text("\n".join(lines) + "\n")
+        (folder / "eval.json").write_text(json.dumps({"results": [
+            {"way": 5, "shot": 1, "acc": acc, "acc_ci95": 0.01}, {"way": 20, "shot": 5, "acc": acc - 0.1, "acc_ci95": 0.02}]}))
+    p = run("--plot-seeds", str(tmp_path / "seed0"), str(tmp_path / "seed1"))
+    assert p.returncode == 0, p.stderr
+    assert "| 20-way 5-shot | 80.00% ± 2.00 | 70.00% ± 2.00 | 75.00% ± 7.07 |" in p.stdout
+    assert "| 5-way 1-shot | 90.00% ± 1.00 | 80.00% ± 1.00 | 85.00% ± 7.07 |" in p.stdout
+    assert (tmp_path / "nc_seeds.png").stat().st_size > 10_000 and f"wrote {tmp_path / 'nc_seeds.png'}" in p.stdout
