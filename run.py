@@ -38,7 +38,7 @@ def parser():
                       help="Lake's benchmark: the error per run of --lake evaluations (lake_errors.png in "
                            "their common folder) and a table of them beside the published errors")
     mode.add_argument("--plot-seeds", metavar="RUN_DIR", nargs="+",
-                      help="one model trained with several seeds: nc_seeds.png (each NC metric's "
+                      help="one model trained with several seeds: nc_seeds_<first run>.png (each NC metric's "
                            "mean and range over the seeds, per epoch) in their common folder, and "
                            "a table of their test accuracies (eval.json) with mean ± sd over seeds")
     mode.add_argument("--strip", nargs=2, metavar=("CKPT", "DEST"),

@@ -322,7 +322,7 @@ def seed_table(run_dirs):
 
 
 def plot_seeds(run_dirs, out=None):
-    """nc_seeds.png (in the runs' common parent folder, or ``out``): for runs of one model with
+    """nc_seeds_<first run>.png (in the runs' common parent folder, or ``out``): for runs of one model with
     different seeds, each NC metric's band over the seeds per epoch (the mean, and the range from
     the lowest to the highest seed), on training and (where there are some) validation episodes:
     which features of the curves hold across seeds. Epochs up to the shortest run. Returns its path."""
@@ -352,7 +352,8 @@ def plot_seeds(run_dirs, out=None):
     fig.suptitle(f"{', '.join(shown(pathlib.Path(d).name) for d in run_dirs)}: neural collapse over seeds")
     fig.tight_layout()
     if out is None:
-        out = pathlib.Path(os.path.commonpath([str(pathlib.Path(d).parent) for d in run_dirs])) / "nc_seeds.png"
+        out = (pathlib.Path(os.path.commonpath([str(pathlib.Path(d).parent) for d in run_dirs]))
+               / f"nc_seeds_{pathlib.Path(run_dirs[0]).name}.png")      # named by the first run: one per model
     _save(fig, out)
     return out
 
