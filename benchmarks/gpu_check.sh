@@ -157,7 +157,7 @@ if [ -n "$train_pid" ]; then
   while [ $wait_s -gt 0 ] && kill -0 "$train_pid" 2>/dev/null; do sleep 2; wait_s=$((wait_s - 2)); done
   kill -TERM "$train_pid" 2>/dev/null
   wait "$train_pid"
-  echo "training exited with status $? after $(wc -l < $RUN/trace.jsonl 2>/dev/null) epochs"
+  echo "training exited with status $? after $( [ -f $RUN/trace.jsonl ] && wc -l < $RUN/trace.jsonl || echo 0) epochs"
   tail -n 4 "$OUT/resnet18-paper/train.log"
   if [ -f "$RUN/best.npz" ]; then
     step "test evaluation of $RUN/best.npz on the GPU, --standard"
