@@ -121,3 +121,19 @@ def test_a_missing_or_broken_file_is_one_fail_and_the_others_are_graded(tmp_path
     assert "FAIL  adam: exercises/adam.py could not be loaded: SyntaxError (line 1): " in p.stdout
     for name in ex.EXERCISES:
         assert f"FAIL  {name}: " in p.stdout
+
+
+def test_a_wrong_dx_does_not_hide_dw_and_db():
+    """A wrong dx (here a third of the right one: terms lost, as a col2im that assigns instead of
+    adding loses them) does not hide dw and db: each is graded on its own, and they pass."""
+    lib = ex.library_module()
+
+    def col2im_assigning(x, w, dout, stride=1, padding=0):
+        dx, dw, db = lib.conv_backward(x, w, dout, stride, padding)
+        return dx / 3, dw, db          # what overwriting instead of adding does: too little in dx
+    found = failures("conv", broken(conv_backward=col2im_assigning))
+    assert "conv_backward dx: finite differences (stride 1, padding 1)" in found
+    assert "a ratio of 0.333" in found["conv_backward dx: finite differences (stride 1, padding 1)"]
+    for check in ("conv_backward dw: finite differences (stride 1, padding 1)",
+                  "conv_backward db: finite differences (stride 2, padding 1)"):
+        assert check not in found, found[check]
