@@ -15,6 +15,7 @@ import numpy as np
 
 from . import files
 from .errors import UserError
+from .omniglot import SIZE, check_size
 
 FORMAT = "scratchproto-checkpoint-1"
 
@@ -89,6 +90,11 @@ def _check_meta(path, meta):
     width = meta.get("width")
     if width is not None and (not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 1 << 16):
         raise UserError(f"{path} is damaged: its metadata has width {width!r}; use another checkpoint")
+    try:                                  # the rule --image-size follows (omniglot.check_size)
+        check_size(image_size(meta))
+    except UserError:
+        raise UserError(f"{path} is damaged: its metadata has image_size {meta['image_size']!r}; use "
+                        f"another checkpoint") from None
 
 
 def _check_sizes(path):
@@ -111,8 +117,14 @@ def _check_sizes(path):
 
 def load_backbone(path, xp):
     """The backbone a checkpoint holds, on array module ``xp``: returns (meta, net)."""
-    from .backbones import build_backbone
     meta, state, _ = load(path)
+    return meta, backbone(path, meta, state, xp)
+
+
+def backbone(path, meta, state, xp):
+    """The backbone of a checkpoint already read (load: its meta and state), on ``xp``; ``path``
+    names it in errors."""
+    from .backbones import build_backbone
     if meta["backbone"] == "convnet":     # the width the metadata claims is built: check it first
         first = state.get("encoder.0.0.weight")
         if first is None or first.ndim != 4 or first.shape[0] != (meta.get("width") or 64):
@@ -125,16 +137,14 @@ def load_backbone(path, xp):
     except ValueError as e:
         raise UserError(f"{path} is damaged: its weights do not fit the {describe(meta)} its "
                         f"metadata names ({e}); use another checkpoint") from None
-    return meta, net
+    return net
 
 
 def image_size(meta):
     """The side of the images a checkpoint's model was trained on (28, the paper's, for
-    checkpoints written before the setting existed); evaluations draw theirs at that size."""
-    size = meta.get("image_size", 28)
-    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 104:
-        raise UserError(f"a checkpoint's metadata has image_size {size!r}: damaged")
-    return size
+    checkpoints written before the setting existed; load has checked it); evaluations draw theirs
+    at that size."""
+    return meta.get("image_size", SIZE)
 
 
 def describe(meta):

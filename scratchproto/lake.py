@@ -146,13 +146,12 @@ def evaluate(ckpt, device="auto", data="data/omniglot", mirror=None, progress=Tr
     [{"run", "error", "seen_in_training"}], "mean_error", "mean_error_unseen", "published"}.
     ``seen_in_training`` marks the runs whose characters the checkpoint trained on (the Vinyals
     split's training classes; never for --train-split background)."""
-    size = checkpoint.image_size(checkpoint.load(ckpt)[0])   # refused before any download if it is not a checkpoint
+    meta, state, _ = checkpoint.load(ckpt)     # refused before any download if it is not a checkpoint
+    size = checkpoint.image_size(meta)
     runs = read_runs(fetch(data, mirror, progress), size)
     if len(runs) != RUNS:
         raise DataError(f"{FILE} holds {len(runs)} runs, expected {RUNS}")
-    xp = backend.get_xp(device)
-    selfcheck.check(xp)
-    meta, net = checkpoint.load_backbone(ckpt, xp)
+    net = checkpoint.backbone(ckpt, meta, state, selfcheck.get_xp(device))
     errors = run_errors(net, runs)
     seen = training_split(ckpt, meta) != "background"
     rows = [{"run": r.name, "error": e, "seen_in_training": seen and int(r.name[3:]) in SEEN_BY_VINYALS_TRAIN}

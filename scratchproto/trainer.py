@@ -311,8 +311,7 @@ def _train(cfg, run_dir, saved, progress, log):
     run it resumes, None for a new run."""
     ds = Omniglot(cfg.data, cfg.mirror, progress=progress, size=cfg.image_size)
     _check_config(cfg, ds)
-    xp = backend.get_xp(cfg.device, cfg.tf32 or None)
-    selfcheck.check(xp)
+    xp = selfcheck.get_xp(cfg.device, cfg.tf32 or None)
     net = build_backbone(cfg.backbone, seed=cfg.seed, width=cfg.width, xp=xp)
     opt = Adam(net, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model = ProtoNet(net)
@@ -544,15 +543,15 @@ def evaluate(ckpt, settings, split="test", query=15, n=1000, seed=0, device="aut
     Returns {"checkpoint", "split", "results": [{way, shot, query, episodes, acc, acc_ci95, loss,
     <metric>_support, <metric>_query ...}]}; acc_ci95 is 1.96 * std / sqrt(n) over episodes.
     """
-    size = checkpoint.image_size(checkpoint.load(ckpt)[0])   # a bad checkpoint is refused before the data are loaded
+    meta, state, _ = checkpoint.load(ckpt)     # a bad checkpoint is refused before the data are loaded
+    size = checkpoint.image_size(meta)
     ds = Omniglot(data, mirror, progress=progress, size=size)     # the images at the size it trained on
     for way, shot in settings:
         check_episode(way, shot, query, len(ds.classes(split)), split)
     if int(n) != n or n < 1:
         raise UserError(f"the number of episodes must be a positive integer, got {n}")
-    xp = backend.get_xp(device)
-    selfcheck.check(xp)
-    meta, net = checkpoint.load_backbone(ckpt, xp)
+    xp = selfcheck.get_xp(device)
+    net = checkpoint.backbone(ckpt, meta, state, xp)
     model = ProtoNet(net)
     from tqdm import tqdm
     results = []
