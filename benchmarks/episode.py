@@ -14,7 +14,6 @@ Compare with the PyTorch reference in the same sitting (see benchmarks/README.md
 """
 import argparse
 import collections
-import os
 import pathlib
 import platform
 import resource
@@ -26,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import scratchproto as sp  # noqa: E402
 from scratchproto import backend  # noqa: E402
 from scratchproto.protonet import protonet_loss  # noqa: E402
-import numpy as np  # noqa: E402  (after scratchproto, which sets OpenBLAS's thread timeout first)
+import numpy as np  # noqa: E402
 
 
 def fake_episode(xp, way, shot, query, seed=0):
@@ -145,8 +144,7 @@ def main():
         label += " tf32"
     if xp is np:
         from scratchproto import fast
-        label += (f" threads {fast.THREADS} openblas_threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}"
-                  f" openblas_timeout {os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'default')}")
+        label += f" threads {fast.THREADS} (BLAS on one thread inside each episode)"
     print(f"scratchproto {a.backbone}{label} {backend.device_name(xp)} {a.way}w{a.shot}s{a.query}q "
           f"numpy {np.__version__} python {platform.python_version()}: "
           f"sec/episode={med:.4f} (min {min(times):.4f}, {len(times)} runs) images/s={n_img / med:.0f} {mem}")

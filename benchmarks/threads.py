@@ -5,11 +5,12 @@ backbone on one batch, fast.THREADS = 1 against the default, median seconds and 
 
   python benchmarks/threads.py --backbone convnet --images 600 --steps 5
 
-Run it as is: scratchproto is imported before NumPy, so OpenBLAS runs on one thread and ours deal
-out the work (see docs/engine.md); `--spinning` gives OpenBLAS every core with its default thread
-timeout instead (its idle threads spin: the arrangement before 2026-11-27).
+Run it as is: BLAS runs on one thread inside the timed steps (fast.blas_one_thread) and our
+threads deal out the work (see docs/engine.md); `--spinning` leaves OpenBLAS on every core with its
+default thread timeout instead (its idle threads spin: the arrangement before 2026-11-27).
 """
 import argparse
+import contextlib
 import os
 import pathlib
 import resource
@@ -18,13 +19,12 @@ import sys
 import time
 
 if "--spinning" in sys.argv:
-    os.environ.setdefault("SCRATCHPROTO_THREADS", str(len(os.sched_getaffinity(0))))
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", os.environ["SCRATCHPROTO_THREADS"])
-    os.environ["OPENBLAS_THREAD_TIMEOUT"] = "28"       # OpenBLAS's default
+    os.environ.pop("OPENBLAS_NUM_THREADS", None)
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = "28"       # OpenBLAS's default (before NumPy loads it)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from scratchproto import backend, fast  # noqa: E402
 from scratchproto.backbones import build_backbone  # noqa: E402
-import numpy as np  # noqa: E402  (after scratchproto, which sets OpenBLAS's threads first)
+import numpy as np  # noqa: E402
 
 
 def main():
@@ -42,20 +42,20 @@ def main():
     settings = sorted({1, fast.THREADS})
     times = {t: [] for t in settings}
     faults = {t: [] for t in settings}
-    for step in range(a.steps + 1):
-        for t in settings:
-            fast.THREADS = t
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t0 = time.perf_counter()
-            net.zero_grad()
-            net.forward(x, True)
-            net.backward(r, need_dx=False)
-            if step:                        # the first is a warm-up
-                times[t].append(time.perf_counter() - t0)
-                faults[t].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    print(f"{a.backbone} {a.images} images, forward + backward, OPENBLAS_NUM_THREADS="
-          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'default')} OPENBLAS_THREAD_TIMEOUT="
-          f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'default')}:")
+    with contextlib.nullcontext() if a.spinning else fast.blas_one_thread(np):
+        for step in range(a.steps + 1):
+            for t in settings:
+                fast.THREADS = t
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                t0 = time.perf_counter()
+                net.zero_grad()
+                net.forward(x, True)
+                net.backward(r, need_dx=False)
+                if step:                        # the first is a warm-up
+                    times[t].append(time.perf_counter() - t0)
+                    faults[t].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    blas = "every core, OPENBLAS_THREAD_TIMEOUT=28" if a.spinning else "one thread"
+    print(f"{a.backbone} {a.images} images, forward + backward, BLAS on {blas}:")
     for t in settings:
         print(f"  threads {t}: median {statistics.median(times[t]):.3f} s "
               f"({', '.join(f'{v:.3f}' for v in times[t])}), minor page faults per step "

@@ -43,6 +43,7 @@ chunk order, so the numbers are the same with any number of threads.
 
 tests/test_fast.py checks them against the plain layers, in float64, to rounding.
 """
+import contextlib
 import os
 import threading
 from collections import namedtuple
@@ -90,20 +91,64 @@ class Workspace:
         return buf[:size].reshape(shape)
 
 
-def cpu_threads():
-    """Threads for the passes outside the GEMMs on NumPy: $SCRATCHPROTO_THREADS, else
-    $OPENBLAS_NUM_THREADS or $OMP_NUM_THREADS (a run pinned to one BLAS thread, so that two runs
-    share a machine, stays on its one core), else the cores this process may run on."""
-    for name in ("SCRATCHPROTO_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(name, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    if "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
-        # NumPy was loaded before scratchproto without it: OpenBLAS's idle workers spin on the
-        # other cores after every product, and a second thread of ours gained nothing against
-        # them (benchmarks/README.md), so stay on one
-        return 1
+def usable_cores():
+    """The cores this process may run on (its CPU affinity where the system tells it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_threads():
+    """How many threads scratchproto runs on a CPU, the whole budget: $SCRATCHPROTO_THREADS, else
+    the smallest of $OMP_NUM_THREADS, $OPENBLAS_NUM_THREADS and $MKL_NUM_THREADS (the counts that
+    job scripts set, so that a job keeps to the cores it was given), else every usable core; never
+    more than the usable cores. BLAS runs on one thread inside our work (``blas_one_thread``), so
+    this count is also the number of threads computing: it is not multiplied by BLAS's."""
+    def count(name):
+        value = os.environ.get(name, "").strip()
+        return int(value) if value.isdigit() and int(value) > 0 else None
+    ours = count("SCRATCHPROTO_THREADS")
+    if ours is None:
+        chosen = [n for n in map(count, ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")) if n]
+        ours = min(chosen, default=usable_cores())
+    return min(ours, usable_cores())
+
+
+class _OneBlasThread:
+    """The context of ``blas_one_thread``: nested and concurrent uses hold one limit, set by the
+    first to enter and lifted by the last to leave."""
+
+    def __init__(self):
+        self.lock, self.depth, self.limiter, self.controller = threading.Lock(), 0, None, None
+
+    def __enter__(self):
+        with self.lock:
+            if self.depth == 0:
+                if self.controller is None:
+                    from threadpoolctl import ThreadpoolController
+                    self.controller = ThreadpoolController()    # finds the BLAS libraries loaded (~1 ms)
+                self.limiter = self.controller.limit(limits=1, user_api="blas")
+            self.depth += 1
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                self.limiter.restore_original_limits()
+                self.limiter = None
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
+
+
+def blas_one_thread(xp):
+    """A context in which every BLAS library NumPy has loaded (OpenBLAS, MKL, Accelerate) runs
+    on one thread; around our work on NumPy (ProtoNet.start_episode, the trainer's epochs, the
+    evaluations). Our THREADS threads deal out the products (``deal``), each calling BLAS on its
+    own thread, so BLAS threads of its own would only multiply the count: two of ours times two of
+    OpenBLAS's ran a ConvNet episode 5 to 7 times slower (benchmarks/README.md). threadpoolctl
+    sets the limit through each library's own call, at run time, so neither the environment nor
+    who imported NumPy first can undo it, and it is lifted on leaving (~20 us for both). Nested
+    uses cost a lock. On CuPy it does nothing."""
+    return _ONE_BLAS_THREAD if xp is np else contextlib.nullcontext()
 
 
 THREADS = cpu_threads()

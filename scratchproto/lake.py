@@ -26,7 +26,7 @@ import zlib
 
 import numpy as np
 
-from . import backend, checkpoint, files, selfcheck
+from . import backend, checkpoint, fast, files, selfcheck
 from .omniglot import DataError, download, preprocess, source_url
 
 FILE = "all_runs.zip"
@@ -132,12 +132,13 @@ def run_errors(net, runs):
     """Each run's error (fraction of its test images given the wrong character) under ``net``."""
     xp = net.xp
     errors = []
-    for run in runs:
-        z = backend.to_host(net.forward(xp.asarray(np.concatenate([run.train, run.test])), train=False))
-        z = z.astype(np.float64)
-        prototypes, queries = z[:len(run.train)], z[len(run.train):]
-        d2 = ((queries[:, None, :] - prototypes[None, :, :]) ** 2).sum(axis=2)
-        errors.append(float((d2.argmin(axis=1) != run.answer).mean()))
+    with fast.blas_one_thread(xp):
+        for run in runs:
+            z = backend.to_host(net.forward(xp.asarray(np.concatenate([run.train, run.test])), train=False))
+            z = z.astype(np.float64)
+            prototypes, queries = z[:len(run.train)], z[len(run.train):]
+            d2 = ((queries[:, None, :] - prototypes[None, :, :]) ** 2).sum(axis=2)
+            errors.append(float((d2.argmin(axis=1) != run.answer).mean()))
     return errors
 
 

@@ -18,7 +18,7 @@ The backward pass, by hand. With P the softmax and Y the one-hot labels, dloss/d
 """
 import numpy as np
 
-from . import backend
+from . import backend, fast
 from .collapse import METRICS, collapse_summaries, metrics_from_summaries
 
 
@@ -98,6 +98,10 @@ class ProtoNet:
         stops and saves nothing of them). The embeddings in finish()'s result are the backbone's
         output buffer, which a later episode may overwrite: read them before starting another.
         """
+        with fast.blas_one_thread(backend.xp_of(xs)):
+            return self._start_episode(xs, xq, train)
+
+    def _start_episode(self, xs, xq, train):
         way, shot, query = xs.shape[0], xs.shape[1], xq.shape[1]
         if xq.shape[0] != way:
             raise ValueError(f"support has {way} classes but query has {xq.shape[0]}")

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from . import backend, checkpoint, files, plots, selfcheck
+from . import backend, checkpoint, fast, files, plots, selfcheck
 from .backbones import build_backbone
 from .collapse import METRICS
 from .episodes import check_episode, episodes
@@ -128,7 +128,7 @@ def run_episodes(model, eps, n, train, opt=None, desc="", progress=True, where="
     from tqdm import tqdm
     values = {k: [] for k in metric_keys()}
     bar = tqdm(total=n, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    with bar:
+    with bar, fast.blas_one_thread(model.net.xp):
         for i, res in finished_episodes(model, eps, train, opt, where):
             for k in values:
                 values[k].append(res[k])
@@ -555,18 +555,19 @@ def evaluate(ckpt, settings, split="test", query=15, n=1000, seed=0, device="aut
     model = ProtoNet(net)
     from tqdm import tqdm
     results = []
-    for way, shot in settings:
-        values = {k: [] for k in metric_keys()}
-        name = f"{way}-way {shot}-shot"
-        eps = episodes(ds, split, way, shot, query, n, seed=[seed, way, shot], device=xp)
-        for _, res in tqdm(finished_episodes(model, eps, train=False, where=f"the evaluation ({name})"),
-                           total=n, desc=name, disable=not progress, leave=False):
-            for k in values:
-                values[k].append(res[k])
-        mean = {k: mean_or_none(v) for k, v in values.items()}
-        acc_sd = np.std(values["acc"], ddof=1) if n > 1 else 0.0
-        results.append({"way": way, "shot": shot, "query": query, "episodes": n,
-                        "acc": mean.pop("acc"), "acc_ci95": 1.96 * acc_sd / math.sqrt(n), **mean})
+    with fast.blas_one_thread(xp):
+        for way, shot in settings:
+            values = {k: [] for k in metric_keys()}
+            name = f"{way}-way {shot}-shot"
+            eps = episodes(ds, split, way, shot, query, n, seed=[seed, way, shot], device=xp)
+            for _, res in tqdm(finished_episodes(model, eps, train=False, where=f"the evaluation ({name})"),
+                               total=n, desc=name, disable=not progress, leave=False):
+                for k in values:
+                    values[k].append(res[k])
+            mean = {k: mean_or_none(v) for k, v in values.items()}
+            acc_sd = np.std(values["acc"], ddof=1) if n > 1 else 0.0
+            results.append({"way": way, "shot": shot, "query": query, "episodes": n,
+                            "acc": mean.pop("acc"), "acc_ci95": 1.96 * acc_sd / math.sqrt(n), **mean})
     out = {"checkpoint": str(ckpt), "epoch": meta.get("epoch"), "backbone": meta["backbone"],
            "split": split, "results": results}
     return {**out, "image_size": size} if size != 28 else out       # (the paper's size: as before)

@@ -273,34 +273,76 @@ def test_deal_shares_tasks_among_threads_keeps_their_order_and_raises_a_workers_
     assert fast.deal(np, [(i,) for i in range(5)], lambda i: -i) == [0, -1, -2, -3, -4]   # still usable
 
 
-def test_thread_count_follows_the_environment(monkeypatch):
-    for name in ("SCRATCHPROTO_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT"):
+def test_thread_count_is_the_budget_the_environment_sets(monkeypatch):
+    """SCRATCHPROTO_THREADS decides; else the smallest count a job script set for OpenMP or a BLAS
+    is the whole budget (not multiplied by BLAS threads); else every core; never above the cores."""
+    for name in ("SCRATCHPROTO_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
-    assert fast.cpu_threads() == 1                 # OpenBLAS's workers would spin: stay on one
-    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
-    assert fast.cpu_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(fast, "usable_cores", lambda: 4)
+    assert fast.cpu_threads() == 4
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert fast.cpu_threads() == 3
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # a run pinned to one BLAS thread
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")
+    assert fast.cpu_threads() == 2
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # a run pinned to one thread
     assert fast.cpu_threads() == 1
     monkeypatch.setenv("SCRATCHPROTO_THREADS", "2")
     assert fast.cpu_threads() == 2
-    monkeypatch.setenv("SCRATCHPROTO_THREADS", "zero")   # not a count: the next one decides
+    monkeypatch.setenv("SCRATCHPROTO_THREADS", "zero")   # not a count: the others decide
     assert fast.cpu_threads() == 1
+    monkeypatch.setenv("SCRATCHPROTO_THREADS", "16")     # more than the cores: the cores
+    assert fast.cpu_threads() == 4
+    for name in ("SCRATCHPROTO_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert fast.cpu_threads() == 4
 
 
-def test_importing_scratchproto_first_configures_openblas():
-    """In a fresh process: imported before NumPy, scratchproto puts OpenBLAS on one thread and its
-    own threads on every core (and sets the spinning timeout); imported after NumPy it leaves the
-    environment alone (and stays on one thread); a run pinned with OPENBLAS_NUM_THREADS=1 stays pinned."""
+def blas_threads():
+    from threadpoolctl import threadpool_info
+    return sorted({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+
+
+def test_blas_runs_on_one_thread_inside_our_work_whoever_loaded_it():
+    """In a fresh process that imports NumPy first, with OpenBLAS told to run 2 threads by the
+    environment (OpenBLAS runs no more than the cores): inside blas_one_thread every BLAS library runs one, nested uses keep the limit
+    until the outermost leaves, and leaving restores the user's setting."""
     import subprocess
     import sys
-    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "SCRATCHPROTO_THREADS", "OPENBLAS_THREAD_TIMEOUT")
-    env = {k: v for k, v in os.environ.items() if k not in names}
-    code = ("import os{}; import scratchproto; from scratchproto import fast; "
-            "print(os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('OPENBLAS_THREAD_TIMEOUT'), fast.THREADS)")
-    run = lambda first, **extra: subprocess.run(      # noqa: E731
-        [sys.executable, "-c", code.format(first)], env={**env, **extra}, capture_output=True, text=True).stdout.split()
-    assert run("") == ["1", "4", str(len(os.sched_getaffinity(0)))]
-    assert run(", numpy") == ["None", "None", "1"]
-    assert run("", OPENBLAS_NUM_THREADS="1") == ["1", "4", "1"]
+    if fast.usable_cores() < 2:
+        pytest.skip("one core: OpenBLAS runs one thread whatever it is told")
+    code = ("import numpy, json; from scratchproto import fast; from tests.test_fast import blas_threads\n"
+            "seen = [blas_threads()]\n"
+            "with fast.blas_one_thread(numpy):\n"
+            "    with fast.blas_one_thread(numpy):\n"
+            "        seen.append(blas_threads())\n"
+            "    seen.append(blas_threads())\n"
+            "seen.append(blas_threads())\n"
+            "print(json.dumps(seen))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "SCRATCHPROTO_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_NUM_THREADS": "2"},
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    import json
+    assert json.loads(out.stdout) == [[2], [1], [1], [2]]
+
+
+def test_an_episode_runs_blas_on_one_thread():
+    """ProtoNet.start_episode holds the limit while the backbone runs, and lets it go after."""
+    from threadpoolctl import threadpool_limits
+    from scratchproto import ProtoNet, build_backbone
+    net = build_backbone("convnet", seed=0, width=4)
+    seen, forward = [], net.forward
+
+    def watched(x, train=True):
+        seen.append(blas_threads())
+        return forward(x, train=train)
+    net.forward = watched
+    rng = np.random.default_rng(0)
+    xs, xq = rng.random((3, 2, 1, 28, 28), dtype=np.float32), rng.random((3, 2, 1, 28, 28), dtype=np.float32)
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        ProtoNet(net).episode(xs, xq, train=True)
+        after = blas_threads()
+    assert seen == [[1]] and after == before
