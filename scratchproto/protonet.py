@@ -98,6 +98,10 @@ class ProtoNet:
         stops and saves nothing of them). The embeddings in finish()'s result are the backbone's
         output buffer, which a later episode may overwrite: read them before starting another.
         """
+        # BLAS on one thread while our threads deal out the work. A loop of episodes is faster
+        # inside one `with fast.blas_one_thread(np):`, as the trainer runs an epoch: lifting the
+        # limit after each episode wakes OpenBLAS's threads, which then spin on our cores
+        # (about 10% of a ConvNet episode, benchmarks/README.md).
         with fast.blas_one_thread(backend.xp_of(xs)):
             return self._start_episode(xs, xq, train)
 

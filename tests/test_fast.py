@@ -346,3 +346,24 @@ def test_an_episode_runs_blas_on_one_thread():
         ProtoNet(net).episode(xs, xq, train=True)
         after = blas_threads()
     assert seen == [[1]] and after == before
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 7, 64), (3, 3, 3, 64), (1, 1, 1, 64), (2, 5, 5, 3), (4, 2, 2, 600)])
+def test_channelwise_gives_the_plain_ufuncs_bits(shape):
+    """Rows regrouped against a repeated vector: every element the same operation on the same
+    operands, so the very same bits, whatever the row count left over (7*7*5 rows: not a
+    multiple of 16), in place or not, with NumPy's type promotion, and the plain ufunc where
+    the rows cannot be regrouped (not contiguous; over CHANNEL_ROW / 2 channels)."""
+    rng = np.random.default_rng(sum(shape))
+    a = rng.standard_normal(shape).astype(np.float32)
+    v = rng.standard_normal(shape[-1]).astype(np.float32)
+    for ufunc in (np.multiply, np.add, np.subtract):
+        want = ufunc(a, v)
+        got = fast.channelwise(ufunc, a, v)
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+        b = a.copy()
+        assert fast.channelwise(ufunc, b, v, b) is b and np.array_equal(b, want)
+        wide = fast.channelwise(ufunc, a, v.astype(np.float64))            # promoted as NumPy does
+        assert wide.dtype == np.float64 and np.array_equal(wide, ufunc(a, v.astype(np.float64)))
+        strided = a[:, ::-1]
+        assert np.array_equal(fast.channelwise(ufunc, strided, v), ufunc(strided, v))
