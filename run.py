@@ -180,7 +180,7 @@ def main(argv=None):
         print(f"wrote {dst} ({size / 2 ** 20:.1f} MiB, without the optimiser's state: evaluate it with --eval)")
         return 0
     if args.plot:
-        for path in sp.plots.plot_run(args.plot):
+        for path in trainer.draw_figures(args.plot):
             print(f"wrote {path}")
         try:
             path = trainer.episode_geometry(args.plot, progress=progress)

@@ -79,8 +79,10 @@ def _whole_epochs(ax):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def plot_run(run_dir, title=None):
-    """Write curves.png, nc_train.png and (with validation) nc_val.png into ``run_dir``."""
+def plot_run(run_dir, title=None, paper=None):
+    """Write curves.png, nc_train.png and (with validation) nc_val.png into ``run_dir``.
+    ``paper``: {"curves": label, "nc_train": ..., "nc_val": ...}, the paper's figure each one
+    corresponds to, added to its title (trainer.paper_figures)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -90,7 +92,11 @@ def plot_run(run_dir, title=None):
     epochs = [r["epoch"] for r in records]
     parts = _parts(records[0])
     title = shown(title or run_dir.name)
+    paper = paper or {}
     written = []
+
+    def suptitle(fig, text, name):
+        fig.suptitle(text + (f" ({paper[name]})" if name in paper else ""))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for part in parts:
@@ -107,7 +113,7 @@ def plot_run(run_dir, title=None):
         _whole_epochs(ax)
     axes[0].set_title("error")
     axes[1].set_title("loss")
-    fig.suptitle(f"{title}: error and loss")
+    suptitle(fig, f"{title}: error and loss", "curves")
     fig.tight_layout()
     _save(fig, run_dir / "curves.png")
     written.append(run_dir / "curves.png")
@@ -138,7 +144,7 @@ def plot_run(run_dir, title=None):
             ax.legend(fontsize=8)
             _whole_epochs(ax)
         word = "training" if part == "train" else "validation"
-        fig.suptitle(f"{title}: neural collapse on {word} episodes")
+        suptitle(fig, f"{title}: neural collapse on {word} episodes", f"nc_{part}")
         fig.tight_layout()
         out = run_dir / f"nc_{part}.png"
         _save(fig, out)

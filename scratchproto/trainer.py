@@ -406,7 +406,7 @@ def _train(cfg, run_dir, saved, progress, log):
     reason = "patience exhausted" if bad >= cfg.patience else "epoch limit reached"
     log(f"done after epoch {epoch} ({reason}); best {'val' if validate else 'train'} "
         f"loss {best:.4f}")
-    plots.plot_run(run_dir)
+    draw_figures(run_dir)
     return run_dir
 
 
@@ -507,6 +507,36 @@ def summary(record, validate=True):
     return " | ".join(parts)
 
 
+# The paper's figures that a run's figures correspond to, by backbone: (curves.png, nc_train.png,
+# nc_val.png) are the ConvNet's Figures 1, 2 and 5 and ResNet-18's Figures 3, 4 and 6.
+PAPER_FIGURES = {"convnet": (1, 2, 5), "resnet18": (3, 4, 6)}
+# settings that a run may change and still follow the paper's protocol: its length and its machine
+LENGTH_AND_MACHINE = {"backbone", "epochs", "patience", "device", "seed", "tf32", "data", "mirror"}
+
+
+def paper_figures(cfg):
+    """{figure name: the paper's figure it corresponds to, as a label} for a run's Config: "the
+    paper's Figure 1" where every setting but the length and the machine is the paper's
+    protocol, "compare the paper's Figure 1" otherwise (another split, shot, width, ...)."""
+    numbers = PAPER_FIGURES.get(cfg.backbone)
+    if numbers is None:
+        return {}
+    protocol = all(getattr(cfg, f.name) == f.default for f in dataclasses.fields(Config)
+                   if f.name not in LENGTH_AND_MACHINE)
+    word = "the paper's" if protocol else "compare the paper's"
+    return {name: f"{word} Figure {n}" for name, n in zip(("curves", "nc_train", "nc_val"), numbers)}
+
+
+def draw_figures(run_dir):
+    """plots.plot_run with each figure's counterpart in the paper, from the run's config.json
+    (none where it is missing or unreadable: the figures stand without)."""
+    try:
+        cfg = Config.from_saved(files.read_json(pathlib.Path(run_dir) / "config.json", "run config")["config"])
+    except (files.FileError, UserError, KeyError, TypeError):
+        cfg = None
+    return plots.plot_run(run_dir, paper=paper_figures(cfg) if cfg is not None else None)
+
+
 class FiguresDuringTraining:
     """Redraws a run's figures while it trains, so that its folder always shows where it stands:
     after the first epoch, then whenever the epochs since the last drawing took at least 20 times
@@ -515,7 +545,7 @@ class FiguresDuringTraining:
 
     def __init__(self, run_dir, log, draw=None, clock=time.perf_counter):
         self.run_dir, self.log, self.clock = run_dir, log, clock
-        self.draw = draw or plots.plot_run
+        self.draw = draw or draw_figures
         self.cost, self.since, self.warned = 0.0, 0.0, False
 
     def after_epoch(self, epoch, seconds):

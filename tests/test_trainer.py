@@ -358,3 +358,34 @@ def test_a_run_at_another_image_size_trains_and_evaluates_at_it(omniglot, tmp_pa
         trainer.train(tiny(omniglot, backbone="resnet18", image_size=32), out=tmp_path / "r18", progress=False)
     with pytest.raises(sp.UserError, match="--image-size must be a multiple of 4"):
         trainer.train(tiny(omniglot, image_size=30), out=tmp_path / "odd", progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:Attempting to set identical")     # the fake run's flat error curve
+def test_each_run_figure_names_its_figure_in_the_paper(tmp_path, monkeypatch):
+    """The paper's protocol (whatever its length, seed or machine) gets the paper's figure numbers,
+    the ConvNet's 1, 2, 5 and ResNet-18's 3, 4, 6; another protocol is told to compare with them;
+    and the titles drawn carry the label (none without a config.json)."""
+    C = trainer.Config
+    assert trainer.paper_figures(C(epochs=150, seed=2, device="gpu")) == {
+        "curves": "the paper's Figure 1", "nc_train": "the paper's Figure 2", "nc_val": "the paper's Figure 5"}
+    assert trainer.paper_figures(C(backbone="resnet18"))["nc_val"] == "the paper's Figure 6"
+    assert trainer.paper_figures(C(train_shot=1))["curves"] == "compare the paper's Figure 1"
+    assert trainer.paper_figures(C(backbone="resnet18", train_way=20))["nc_train"] == "compare the paper's Figure 4"
+    assert trainer.paper_figures(C(width=32))["curves"] == "compare the paper's Figure 1"
+    assert trainer.paper_figures(C(backbone="elsewhere")) == {}
+
+    import matplotlib.figure
+    titles = []
+    real = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda self, text, **kw: titles.append(text) or real(self, text, **kw))
+    _fake_run(tmp_path / "run", 64, 111936, 2, 0.5)
+    trainer.draw_figures(tmp_path / "run")
+    assert titles == ["run: error and loss (the paper's Figure 1)",
+                      "run: neural collapse on training episodes (the paper's Figure 2)",
+                      "run: neural collapse on validation episodes (the paper's Figure 5)"]
+    titles.clear()
+    (tmp_path / "run" / "config.json").unlink()
+    trainer.draw_figures(tmp_path / "run")
+    assert titles == ["run: error and loss", "run: neural collapse on training episodes",
+                      "run: neural collapse on validation episodes"]
