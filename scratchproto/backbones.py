@@ -12,7 +12,7 @@ Parameter and buffer names are those of the reference PyTorch ProtoNet (``encode
 import numpy as np
 
 from . import backend
-from .fast import ConvBlock, FastBasicBlock, FastBatchNorm2d, FastConv2d
+from .fast import ConvBlock, FastBasicBlock, FastBatchNorm2d, FastConv2d, FastReLU
 from .layers import (AvgPool2d, BasicBlock, BatchNorm2d, Conv2d, Flatten, MaxPool2d, Module,
                      ReLU, RepeatChannels, Sequential)
 
@@ -42,7 +42,7 @@ class ResNet18(Module):
         self.repeat = RepeatChannels(3, **kw)
         self.conv1 = (FastConv2d if fast else Conv2d)(3, 64, 3, 1, 1, bias=False, rng=rng, **kw)
         self.bn1 = (FastBatchNorm2d if fast else BatchNorm2d)(64, **kw)
-        self.relu = ReLU(**kw)
+        self.relu = (FastReLU if fast else ReLU)(**kw)
         self.children = [("conv1", self.conv1), ("bn1", self.bn1)]
         c_in, self.stages = 64, []
         for i, (c_out, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):

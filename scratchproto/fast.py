@@ -255,11 +255,51 @@ def channelwise(ufunc, a, v, out=None):
 
 def sum_in_order(xp, parts):
     """parts[0] + parts[1] + ..., added left to right into parts[0] (fresh partial products):
-    the order a single thread would add them in, whoever computed them."""
+    the order a single thread would add them in, whoever computed them. On NumPy a big sum
+    (ResNet-18's weight gradients: dozens of 512 x 4608 partial products) is cut into slabs
+    that the threads share; each element is still added in the same order."""
     total = parts[0]
+    if (xp is np and THREADS > 1 and total.size * (len(parts) - 1) > BLOCK_FLOATS
+            and all(p.flags.c_contiguous and p.shape == total.shape for p in parts)):
+        flat = [p.reshape(-1) for p in parts]
+
+        def slab(i0, i1):
+            for part in flat[1:]:
+                np.add(flat[0][i0:i1], part[i0:i1], out=flat[0][i0:i1])
+        deal(xp, spans(total.size, max(1024, BLOCK_FLOATS // len(parts))), slab)
+        return total
     for part in parts[1:]:
         xp.add(total, part, out=total)
     return total
+
+
+def copy_by_blocks(xp, dst, src, axis):
+    """dst[...] = src (a transposing view), 16 indices of ``axis`` at a time on every thread: a
+    convolution's weights rearranged for its GEMMs, where axis is the output channels', so that
+    each task reads 16 whole filters and writes 16 floats (a cache line) wherever it writes."""
+    if xp is not np or THREADS <= 1 or dst.size < BLOCK_FLOATS:
+        dst[...] = src
+        return dst
+
+    def part(i0, i1):
+        at = (slice(None),) * axis + (slice(i0, i1),)
+        dst[at] = src[at]
+    deal(xp, spans(dst.shape[axis], 16), part)
+    return dst
+
+
+def add_by_channel_blocks(xp, dst, src):
+    """dst += src for a C-contiguous dst (C_out, ...) and any view src of its shape (a weight
+    gradient computed as (..., C_out) and transposed): 16 output channels at a time on every
+    thread, so that each read of src's rows uses a whole cache line (16 floats) rather than one
+    float of it. The same additions, so the same bits."""
+    if xp is not np or THREADS <= 1:
+        dst += src
+        return
+
+    def part(o0, o1):
+        dst[o0:o1] += src[o0:o1]
+    deal(xp, spans(len(dst), 16), part)
 
 
 def per_image_sums(xp, parts):
@@ -298,6 +338,13 @@ class FastConv2d(Workspace, Conv2d):
     CHUNK_MIN_ROWS = 512
     GPU_CHUNK_FLOATS = 1 << 27
     NARROW_K = 32                 # k*k*C_in up to this: plain im2col
+
+    def _wmat(self):
+        """Conv2d._wmat, (k*k*C_in, C_out), copied by blocks of output channels on every thread
+        (ResNet-18's 512 x 512 x 3 x 3 transposes were a serial pass per convolution)."""
+        w = self.params["weight"]
+        out = self.xp.empty((self.k, self.k, self.c_in, self.c_out), dtype=w.dtype)
+        return copy_by_blocks(self.xp, out, w.transpose(2, 3, 1, 0), 3).reshape(-1, self.c_out)
 
     def _window_view(self, xpad, n0, n1, ho, wo, st):
         """(n1 - n0, Ho, Wo, k, k, C) view of the padded images n0..n1 at stride st: no copy."""
@@ -419,11 +466,12 @@ class FastConv2d(Workspace, Conv2d):
             # dW comes from the same im2col chunks of the padded dy, whose tap (i, j) at input
             # position q is dy at q - (k-1-i, k-1-j) + p: dW[kh, kw] = sum over q of x[q] dy[q - (kh, kw) + p],
             # so dW is x^T cols at tap (k-1-kh, k-1-kw). One im2col per chunk serves both products.
-            w_flip = self.params["weight"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1)  # (kh, kw, out, in)
+            w_flip = copy_by_blocks(xp, xp.empty((k, k, self.c_out, c), dtype=dout.dtype),   # (kh, kw, out, in)
+                                    self.params["weight"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1), 2)
             dx, _, xt_cols = self._correlate(xp.ascontiguousarray(dout), w_flip.reshape(-1, c), k - 1 - p, 1,
                                              "dypad", rows_of=xp.ascontiguousarray(x))
             dw = xt_cols.reshape(c, k, k, self.c_out)[:, ::-1, ::-1]           # (in, kh, kw, out)
-            self.grads["weight"] += dw.transpose(3, 0, 1, 2)
+            add_by_channel_blocks(xp, self.grads["weight"], dw.transpose(3, 0, 1, 2))
             return dx
         dy = dout.reshape(-1, self.c_out)
         chunks = self._chunks(n, ho, wo, c)
@@ -432,7 +480,9 @@ class FastConv2d(Workspace, Conv2d):
         # else scattered into the padded images (col2im)
         gather = need_dx and kernels.enabled(xp)
         dx = (None if not need_dx else xp.empty((n, h, w, c), dtype=dout.dtype) if gather
-              else xp.zeros(xpad.shape, dtype=dout.dtype))
+              else xp.empty(xpad.shape, dtype=dout.dtype))
+        if need_dx and not gather:      # zeroed image by image on every thread, as they are scattered into
+            over_images(xp, n, dx[0].size, lambda n0, n1: dx[n0:n1].fill(0))
 
         def chunk(n0, n1):              # one thread's task: dW's part from the chunk's im2col, and its dx
             dy_c = dy[n0 * ho * wo:n1 * ho * wo]
@@ -445,10 +495,14 @@ class FastConv2d(Workspace, Conv2d):
                     dx[(slice(n0, n1),) + win[1:]] += dc[:, :, :, i, j]
             return dw_part
         dw = sum_in_order(xp, deal(xp, chunks, chunk))
-        self.grads["weight"] += dw.reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1)
+        add_by_channel_blocks(xp, self.grads["weight"], dw.reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1))
         if not need_dx or gather:
             return dx
-        return xp.ascontiguousarray(dx[:, p:p + h, p:p + w]) if p else dx
+        if not p:
+            return dx
+        cropped = xp.empty((n, h, w, c), dtype=dx.dtype)
+        copy_images(xp, cropped, dx[:, p:p + h, p:p + w])
+        return cropped
 
 
 class ConvBlock(Workspace, Sequential):
@@ -820,21 +874,49 @@ def batchnorm_input_grad(bn, dout, xhat, inv_std, train, in_place=False, mask=No
 
 
 class FastBatchNorm2d(BatchNorm2d):
-    """BatchNorm2d whose forward and backward run as CUDA kernels on the kernel path (kernels.py):
-    ResNet-18's stem and projection shortcuts, where it follows a convolution and normalises that
-    convolution's fresh output in place. Elsewhere it is BatchNorm2d itself."""
+    """BatchNorm2d for ResNet-18's stem and projection shortcuts, where it follows a convolution
+    and normalises that convolution's fresh output in place: as CUDA kernels on the kernel path
+    (kernels.py), in blocks of images on every thread on NumPy (the same functions as
+    FastBasicBlock's); on CuPy without the kernels it is BatchNorm2d itself."""
 
     def forward(self, x, train=True):
-        if not kernels.enabled(self.xp):
+        xp = self.xp
+        if kernels.enabled(xp):
+            out, xhat, inv_std = batchnorm_forward_kernels(self, x, train, relu=False)
+        elif xp is np:
+            xhat, inv_std = normalise_in_place(self, x, train)
+            out = xp.empty_like(xhat)
+
+            def part(n0, n1):
+                o = channelwise(xp.multiply, xhat[n0:n1], self.params["weight"], out[n0:n1])
+                channelwise(xp.add, o, self.params["bias"], o)
+            over_images(xp, len(out), out[0].size, part)
+        else:
             return super().forward(x, train)
-        out, xhat, inv_std = batchnorm_forward_kernels(self, x, train, relu=False)
         self.cache = BatchNormCache(xhat, inv_std, train)
         return out
 
     def backward(self, dout, need_dx=True):
-        if not kernels.enabled(self.xp):
+        if not kernels.enabled(self.xp) and self.xp is not np:
             return super().backward(dout, need_dx)
         return batchnorm_input_grad(self, dout, *self.cache)
+
+
+class FastReLU(ReLU):
+    """ReLU in blocks of images on every thread (NumPy); ResNet-18's stem."""
+
+    def forward(self, x, train=True):
+        xp = self.xp
+        y = xp.empty_like(x)
+        over_images(xp, len(x), x[0].size, lambda n0, n1: xp.maximum(x[n0:n1], 0, out=y[n0:n1]))
+        self.cache = y
+        return y
+
+    def backward(self, dout, need_dx=True):
+        xp, y = self.xp, self.cache
+        dx = xp.empty_like(dout)
+        over_images(xp, len(dx), dx[0].size, lambda n0, n1: xp.multiply(dout[n0:n1], y[n0:n1] > 0, out=dx[n0:n1]))
+        return dx
 
 
 class FastBasicBlock(BasicBlock):
@@ -886,5 +968,5 @@ class FastBasicBlock(BasicBlock):
         d_short = self.shortcut.backward(d, need_dx)
         if not need_dx:
             return None
-        dx += d_short
+        over_images(xp, len(dx), dx[0].size, lambda n0, n1: xp.add(dx[n0:n1], d_short[n0:n1], out=dx[n0:n1]))
         return dx

@@ -222,17 +222,19 @@ def test_one_im2col_scratch_buffer_for_all_layers():
     assert "cols_chunk" not in a.__dict__.get("_workspace", {})
 
 
-def test_threads_give_the_same_bits(monkeypatch):
-    """The float32 ConvNet, forward and backward, with blocks of a few images: one thread and
-    three agree to the last bit (a block's numbers do not depend on who computes them)."""
+@pytest.mark.parametrize("backbone,d", [("convnet", 64), ("resnet18", 512)])
+def test_threads_give_the_same_bits(monkeypatch, backbone, d):
+    """The float32 backbones, forward and backward, with blocks of a few images: one thread and
+    three agree to the last bit (a block's numbers do not depend on who computes them, and the
+    weight gradients' partial sums are added in the same order, in slabs or not)."""
     from scratchproto.backbones import build_backbone
     x = (np.random.default_rng(21).random((12, 1, 28, 28)) > 0.85).astype(np.float32)
-    r = np.random.default_rng(22).standard_normal((12, 64)).astype(np.float32)
+    r = np.random.default_rng(22).standard_normal((12, d)).astype(np.float32)
     results = []
     for threads, block in ((1, 30000), (3, 30000)):
         monkeypatch.setattr(fast, "THREADS", threads)
         monkeypatch.setattr(fast, "BLOCK_FLOATS", block)
-        net = build_backbone("convnet", seed=3)
+        net = build_backbone(backbone, seed=3)
         net.zero_grad()
         out = net.forward(x, True)
         net.backward(r, need_dx=False)
@@ -367,3 +369,16 @@ def test_channelwise_gives_the_plain_ufuncs_bits(shape):
         assert wide.dtype == np.float64 and np.array_equal(wide, ufunc(a, v.astype(np.float64)))
         strided = a[:, ::-1]
         assert np.array_equal(fast.channelwise(ufunc, strided, v), ufunc(strided, v))
+
+
+@pytest.mark.parametrize("backbone,batch", [("convnet", 3), ("resnet18", 2)])
+def test_whole_fast_backbones_on_numpy_match_the_plain_layers(backbone, batch):
+    """Every fast piece on NumPy at once, ResNet-18's stem and shortcut BatchNorms and stem ReLU
+    included: outputs, input gradient, parameter gradients, BatchNorm buffers, in float64."""
+    from scratchproto import build_backbone
+    from tests.test_kernels import _assert_backbones_agree
+    plain, quick = build_backbone(backbone, seed=0, dtype=F64, fast=False), build_backbone(backbone, seed=0, dtype=F64)
+    shift = 0.1 * np.random.default_rng(11).standard_normal(plain.flat_params.shape)   # BatchNorm's beta not 0
+    plain.flat_params += shift
+    quick.flat_params += shift
+    _assert_backbones_agree(plain, quick, batch, seed=10)
