@@ -343,8 +343,10 @@ class FastConv2d(Workspace, Conv2d):
         """Conv2d._wmat, (k*k*C_in, C_out), copied by blocks of output channels on every thread
         (ResNet-18's 512 x 512 x 3 x 3 transposes were a serial pass per convolution)."""
         w = self.params["weight"]
-        out = self.xp.empty((self.k, self.k, self.c_in, self.c_out), dtype=w.dtype)
-        return copy_by_blocks(self.xp, out, w.transpose(2, 3, 1, 0), 3).reshape(-1, self.c_out)
+        if self.xp is not np:           # one copy (one launch), as Conv2d makes it
+            return super()._wmat()
+        out = np.empty((self.k, self.k, self.c_in, self.c_out), dtype=w.dtype)
+        return copy_by_blocks(np, out, w.transpose(2, 3, 1, 0), 3).reshape(-1, self.c_out)
 
     def _window_view(self, xpad, n0, n1, ho, wo, st):
         """(n1 - n0, Ho, Wo, k, k, C) view of the padded images n0..n1 at stride st: no copy."""
@@ -466,8 +468,9 @@ class FastConv2d(Workspace, Conv2d):
             # dW comes from the same im2col chunks of the padded dy, whose tap (i, j) at input
             # position q is dy at q - (k-1-i, k-1-j) + p: dW[kh, kw] = sum over q of x[q] dy[q - (kh, kw) + p],
             # so dW is x^T cols at tap (k-1-kh, k-1-kw). One im2col per chunk serves both products.
-            w_flip = copy_by_blocks(xp, xp.empty((k, k, self.c_out, c), dtype=dout.dtype),   # (kh, kw, out, in)
-                                    self.params["weight"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1), 2)
+            w_flip = self.params["weight"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1)     # (kh, kw, out, in)
+            if xp is np:                # by blocks of output channels; on a GPU reshape's one copy
+                w_flip = copy_by_blocks(xp, np.empty(w_flip.shape, dtype=w_flip.dtype), w_flip, 2)
             dx, _, xt_cols = self._correlate(xp.ascontiguousarray(dout), w_flip.reshape(-1, c), k - 1 - p, 1,
                                              "dypad", rows_of=xp.ascontiguousarray(x))
             dw = xt_cols.reshape(c, k, k, self.c_out)[:, ::-1, ::-1]           # (in, kh, kw, out)
@@ -480,8 +483,9 @@ class FastConv2d(Workspace, Conv2d):
         # else scattered into the padded images (col2im)
         gather = need_dx and kernels.enabled(xp)
         dx = (None if not need_dx else xp.empty((n, h, w, c), dtype=dout.dtype) if gather
+              else xp.zeros(xpad.shape, dtype=dout.dtype) if xp is not np
               else xp.empty(xpad.shape, dtype=dout.dtype))
-        if need_dx and not gather:      # zeroed image by image on every thread, as they are scattered into
+        if need_dx and not gather and xp is np:   # zeroed by blocks of images on every thread
             over_images(xp, n, dx[0].size, lambda n0, n1: dx[n0:n1].fill(0))
 
         def chunk(n0, n1):              # one thread's task: dW's part from the chunk's im2col, and its dx
@@ -500,8 +504,10 @@ class FastConv2d(Workspace, Conv2d):
             return dx
         if not p:
             return dx
-        cropped = xp.empty((n, h, w, c), dtype=dx.dtype)
-        copy_images(xp, cropped, dx[:, p:p + h, p:p + w])
+        if xp is not np:
+            return xp.ascontiguousarray(dx[:, p:p + h, p:p + w])
+        cropped = np.empty((n, h, w, c), dtype=dx.dtype)
+        copy_images(np, cropped, dx[:, p:p + h, p:p + w])
         return cropped
 
 
@@ -903,10 +909,12 @@ class FastBatchNorm2d(BatchNorm2d):
 
 
 class FastReLU(ReLU):
-    """ReLU in blocks of images on every thread (NumPy); ResNet-18's stem."""
+    """ReLU in blocks of images on every thread on NumPy (ResNet-18's stem); on CuPy, ReLU."""
 
     def forward(self, x, train=True):
         xp = self.xp
+        if xp is not np:
+            return super().forward(x, train)
         y = xp.empty_like(x)
         over_images(xp, len(x), x[0].size, lambda n0, n1: xp.maximum(x[n0:n1], 0, out=y[n0:n1]))
         self.cache = y
@@ -914,6 +922,8 @@ class FastReLU(ReLU):
 
     def backward(self, dout, need_dx=True):
         xp, y = self.xp, self.cache
+        if xp is not np:
+            return super().backward(dout, need_dx)
         dx = xp.empty_like(dout)
         over_images(xp, len(dx), dx[0].size, lambda n0, n1: xp.multiply(dout[n0:n1], y[n0:n1] > 0, out=dx[n0:n1]))
         return dx

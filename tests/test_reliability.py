@@ -320,7 +320,7 @@ def test_an_unforeseen_file_system_fault_is_still_one_line(monkeypatch, capsys):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
 
-    def fails(run_dir):
+    def fails(run_dir, **kw):
         raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/curves.png")
     monkeypatch.setattr(sp.plots, "plot_run", fails)
     assert script.cli(["--plot", "x"]) == 2
