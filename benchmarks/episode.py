@@ -14,6 +14,7 @@ Compare with the PyTorch reference in the same sitting (see benchmarks/README.md
 """
 import argparse
 import collections
+import contextlib
 import pathlib
 import platform
 import resource
@@ -112,6 +113,10 @@ def main():
     p.add_argument("--log2-chunk", type=int, metavar="N",
                    help="im2col chunks of 2**N floats (FastConv2d.CHUNK_FLOATS and GPU_CHUNK_FLOATS; "
                         "default: fast.py's, 2**20 on a CPU, 2**27 on a GPU)")
+    p.add_argument("--limit-per-episode", action="store_true",
+                   help="on a CPU, let each episode put BLAS on one thread and lift the limit after "
+                        "it (what a loop of model.episode calls does by itself) instead of holding "
+                        "the limit over the whole run as the trainer does over an epoch")
     p.add_argument("--data", help="an Omniglot folder (see run.py --data): also time drawing real "
                                   "episodes (the sampler and the copy to the device)")
     a = p.parse_args()
@@ -119,7 +124,7 @@ def main():
     xp = backend.get_xp(a.device, a.tf32 or None)
     # BLAS on one thread throughout, as the trainer holds it over an epoch (entering and leaving
     # it around each episode cost a ConvNet episode 10% with OpenBLAS's default thread timeout)
-    with sp.fast.blas_one_thread(xp):
+    with contextlib.nullcontext() if a.limit_per_episode else sp.fast.blas_one_thread(xp):
         measure(a, xp)
 
 
@@ -152,7 +157,7 @@ def measure(a, xp):
         label += " tf32"
     if xp is np:
         from scratchproto import fast
-        label += f" threads {fast.THREADS} (BLAS on one thread)"
+        label += f" threads {fast.THREADS} (BLAS on one thread{' per episode' if a.limit_per_episode else ''})"
     print(f"scratchproto {a.backbone}{label} {backend.device_name(xp)} {a.way}w{a.shot}s{a.query}q "
           f"numpy {np.__version__} python {platform.python_version()}: "
           f"sec/episode={med:.4f} (min {min(times):.4f}, {len(times)} runs) images/s={n_img / med:.0f} {mem}")
