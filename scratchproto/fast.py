@@ -31,12 +31,13 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
   gradients it owns. Same operations in the same order as the plain layers, so the same numbers,
   with four fewer full-size arrays allocated per block and direction.
 
-On a CPU everything uses every core the process may use (``THREADS``): the passes outside the
+On a CPU everything uses the threads of the budget (``THREADS``: every core the process may use,
+or fewer where the environment says so; ``cpu_threads``): the passes outside the
 GEMMs (BatchNorm statistics, pooling, scale/shift/ReLU, dy and the pooling winners, the im2col
 copies) in blocks of images of about 1 MB, so that a block's temporaries are read back while they
 are still in the cache (``over_images``), and the convolutions in chunks of images, a chunk's
-im2col copy, its GEMMs (OpenBLAS on one thread) and its part of the weight gradient being one
-task. A few reused threads take the blocks or chunks one at a time from a shared queue
+im2col copy, its GEMMs (BLAS on one thread, ``blas_one_thread``) and its part of the weight
+gradient being one task. A few reused threads take the blocks or chunks one at a time from a shared queue
 (``deal``; NumPy lets go of the GIL in its loops and BLAS calls), so a core that runs slower
 takes fewer. A block's result does not depend on who computes it and partial sums are added in
 chunk order, so the numbers are the same with any number of threads.
@@ -143,11 +144,13 @@ def blas_one_thread(xp):
     """A context in which every BLAS library NumPy has loaded (OpenBLAS, MKL, Accelerate) runs
     on one thread; around our work on NumPy (ProtoNet.start_episode, the trainer's epochs, the
     evaluations). Our THREADS threads deal out the products (``deal``), each calling BLAS on its
-    own thread, so BLAS threads of its own would only multiply the count: two of ours times two of
-    OpenBLAS's ran a ConvNet episode 5 to 7 times slower (benchmarks/README.md). threadpoolctl
+    own thread, so BLAS threads of its own would only multiply the count: two of ours over two of
+    OpenBLAS's ran a ConvNet episode 3 to 7 times slower (benchmarks/README.md). threadpoolctl
     sets the limit through each library's own call, at run time, so neither the environment nor
     who imported NumPy first can undo it, and it is lifted on leaving (~20 us for both). Nested
-    uses cost a lock. On CuPy it does nothing."""
+    uses cost a lock. Hold it over a loop of episodes, as the trainer does over an epoch: lifted,
+    OpenBLAS's threads spin on our cores for a while (6 to 17% of a ConvNet episode when lifted
+    after each). On CuPy it does nothing."""
     return _ONE_BLAS_THREAD if xp is np else contextlib.nullcontext()
 
 
