@@ -124,7 +124,12 @@ class _OneBlasThread:
         with self.lock:
             if self.depth == 0:
                 if self.controller is None:
-                    from threadpoolctl import ThreadpoolController
+                    try:
+                        from threadpoolctl import ThreadpoolController
+                    except ImportError:
+                        raise ImportError("scratchproto needs threadpoolctl to keep BLAS to one thread "
+                                          "on a CPU: install it with pip install -e . (or pip install "
+                                          "threadpoolctl)") from None
                     self.controller = ThreadpoolController()    # finds the BLAS libraries loaded (~1 ms)
                 self.limiter = self.controller.limit(limits=1, user_api="blas")
             self.depth += 1

@@ -382,3 +382,11 @@ def test_whole_fast_backbones_on_numpy_match_the_plain_layers(backbone, batch):
     plain.flat_params += shift
     quick.flat_params += shift
     _assert_backbones_agree(plain, quick, batch, seed=10)
+
+
+def test_a_missing_threadpoolctl_says_how_to_install_it(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)      # import fails as if not installed
+    with pytest.raises(ImportError, match=r"scratchproto needs threadpoolctl .* pip install -e \."):
+        with fast._OneBlasThread():
+            pass
