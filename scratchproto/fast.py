@@ -146,8 +146,9 @@ _ONE_BLAS_THREAD = _OneBlasThread()
 
 
 def blas_one_thread(xp):
-    """A context in which every BLAS library NumPy has loaded (OpenBLAS, MKL, Accelerate) runs
-    on one thread; around our work on NumPy (ProtoNet.start_episode, the trainer's epochs, the
+    """A context in which every BLAS library NumPy has loaded runs on one thread (OpenBLAS, MKL,
+    BLIS, FlexiBLAS: those threadpoolctl can set; Apple's Accelerate has no such call, and its
+    threads follow $VECLIB_MAXIMUM_THREADS); around our work on NumPy (ProtoNet.start_episode, the trainer's epochs, the
     evaluations). Our THREADS threads deal out the products (``deal``), each calling BLAS on its
     own thread, so BLAS threads of its own would only multiply the count: two of ours over two of
     OpenBLAS's ran a ConvNet episode 3 to 7 times slower (benchmarks/README.md). threadpoolctl
