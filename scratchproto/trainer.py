@@ -350,7 +350,8 @@ def _train(cfg, run_dir, saved, progress, log):
     now = datetime.datetime.now().isoformat(timespec="seconds")
     where = backend.describe(xp, cfg.device)
     run = {"config": dataclasses.asdict(cfg), "device": backend.device_name(xp), "ran_on": where,
-           "gpu": backend.gpu_model(xp), "versions": _versions(xp), "parameters": net.num_parameters(),
+           "gpu": backend.gpu_model(xp), "threads": fast.THREADS if xp is np else None,
+           "versions": _versions(xp), "parameters": net.num_parameters(),
            "started": now}
     if saved is not None:       # the first start stays; each resume adds when, where and after which epoch
         run["started"] = saved.get("started", now)
@@ -360,7 +361,8 @@ def _train(cfg, run_dir, saved, progress, log):
     files.atomic_write(run_dir / "config.json", json.dumps(run, indent=2) + "\n")
 
     validate = cfg.splits[1] is not None
-    log(f"{cfg.backbone} ({net.num_parameters():,} parameters) on {where}; run folder {run_dir}")
+    threads = f", {fast.THREADS} thread{'s' if fast.THREADS > 1 else ''}" if xp is np else ""
+    log(f"{cfg.backbone} ({net.num_parameters():,} parameters) on {where}{threads}; run folder {run_dir}")
     seconds = []                         # this process's epochs, for the time left
     figures = FiguresDuringTraining(run_dir, log)
     try:

@@ -69,10 +69,13 @@ def test_train_then_eval_then_plot(omniglot, tmp_path):
     p = run(*tiny, "--out", str(out), data=omniglot.root)
     assert p.returncode == 0, p.stderr
     assert "epoch    1" in p.stdout and "val loss" in p.stdout and "done after epoch 1" in p.stdout
-    # the first line and config.json say where it ran
-    assert p.stdout.splitlines()[0].startswith("convnet (1,896 parameters) on cpu; run folder ")
+    # the first line and config.json say where it ran, and on how many threads
+    from scratchproto import fast
+    threads = fast.cpu_threads()            # this environment's budget, as the run's process sees it
+    assert p.stdout.splitlines()[0].startswith(
+        f"convnet (1,896 parameters) on cpu, {threads} thread{'s' if threads > 1 else ''}; run folder ")
     saved = json.loads((out / "config.json").read_text())
-    assert (saved["device"], saved["ran_on"], saved["gpu"]) == ("cpu", "cpu", None)
+    assert (saved["device"], saved["ran_on"], saved["gpu"], saved["threads"]) == ("cpu", "cpu", None, threads)
     again = run(*tiny, "--out", str(out), data=omniglot.root)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     p = run("--eval", str(out / "best.npz"), "--way", "5", "--shot", "1", "--query", "3", "--episodes", "3",
