@@ -117,6 +117,9 @@ def main():
                    help="on a CPU, let each episode put BLAS on one thread and lift the limit after "
                         "it (what a loop of model.episode calls does by itself) instead of holding "
                         "the limit over the whole run as the trainer does over an epoch")
+    p.add_argument("--no-winograd", action="store_true",
+                   help="ResNet-18's convolutions all as im2col, none as Winograd's F(2x2, 3x3) (fast.py): "
+                        "what Winograd saves, measured")
     p.add_argument("--data", help="an Omniglot folder (see run.py --data): also time drawing real "
                                   "episodes (the sampler and the copy to the device)")
     a = p.parse_args()
@@ -132,6 +135,8 @@ def measure(a, xp):
     """The timings and the breakdown that main() prints."""
     if a.log2_chunk is not None:
         sp.fast.FastConv2d.CHUNK_FLOATS = sp.fast.FastConv2d.GPU_CHUNK_FLOATS = 1 << a.log2_chunk
+    if a.no_winograd:
+        sp.fast.FastConv2d.WINOGRAD_MIN_CHANNELS = float("inf")
     net = sp.build_backbone(a.backbone, seed=0, xp=xp, width=a.width)
     model, opt = sp.ProtoNet(net), sp.Adam(net, lr=1e-3)
     xs, xq = fake_episode(xp, a.way, a.shot, a.query)
@@ -155,6 +160,8 @@ def measure(a, xp):
         label += f" chunk 2**{a.log2_chunk}"
     if a.tf32:
         label += " tf32"
+    if a.no_winograd:
+        label += " no-winograd"
     if xp is np:
         from scratchproto import fast
         label += f" threads {fast.THREADS} (BLAS on one thread{' per episode' if a.limit_per_episode else ''})"

@@ -29,7 +29,11 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
   (and the residual sum before it): the normalisation overwrites the convolution's output instead
   of copying it, the ReLU and the sum work in place, and the backward pass overwrites the
   gradients it owns. Same operations in the same order as the plain layers, so the same numbers,
-  with four fewer full-size arrays allocated per block and direction.
+  with four fewer full-size arrays allocated per block and direction. But its 3x3 stride-1
+  convolutions with 128 channels or more run as Winograd's F(2x2, 3x3) (winograd.py;
+  FastConv2d(winograd=True)), rounding differently: 16 multiplications per 2x2 outputs where
+  im2col makes 36, worth it only where the GEMMs outweigh the transforms' passes
+  (benchmarks/README.md).
 
 On a CPU everything uses the threads of the budget (``THREADS``: every core the process may use,
 or fewer where the environment says so; ``cpu_threads``): the passes outside the
@@ -49,16 +53,18 @@ import os
 import threading
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 
 import numpy as np
 
-from . import backend, kernels
+from . import backend, kernels, winograd
 from .layers import (BasicBlock, BatchNorm2d, BatchNormCache, Conv2d, MaxPool2d, ReLU, Sequential, col2im,
                      output_size, windows)
 
 # What the fast layers keep for their backward passes, by name.
 NarrowConvCache = namedtuple("NarrowConvCache", "cols x_shape")      # the whole (small) im2col matrix
 ChunkedConvCache = namedtuple("ChunkedConvCache", "x xpad")     # the input, and padded: im2col chunks are made anew
+WinogradConvCache = namedtuple("WinogradConvCache", "xpad U")    # padded input (its tiles made anew), filters transformed
 ConvBlockCache = namedtuple("ConvBlockCache", "y pooled out sign mean inv_std m train gram winner x window_cols")
 FastBasicBlockCache = namedtuple("FastBasicBlockCache", "h xhat1 inv_std1 out xhat2 inv_std2 train")
 
@@ -333,6 +339,12 @@ class FastConv2d(Workspace, Conv2d):
 
     Same math as Conv2d (any k, stride, padding). Where k*k*C_in is small (the 1-channel first
     layer: 9) the whole matrix is small too, and it is kept for the backward pass as Conv2d does.
+
+    ``winograd=True``: a 3x3, stride-1, padding-1 convolution on NumPy runs as Winograd's
+    F(2x2, 3x3) instead (winograd.py), chunk by chunk of images as im2col does: 16/36 of the
+    GEMMs' multiplications for even sizes. Its numbers differ from im2col's by rounding, so it is
+    asked for (ResNet-18's blocks), never implied; the ConvNet keeps im2col and its committed
+    numbers. On CuPy it is not used: it has not run on a GPU.
     """
 
     # On a CPU, about 4 MB of im2col rows per chunk, so that a chunk is still in the cache for
@@ -347,6 +359,10 @@ class FastConv2d(Workspace, Conv2d):
     CHUNK_MIN_ROWS = 512
     GPU_CHUNK_FLOATS = 1 << 27
     NARROW_K = 32                 # k*k*C_in up to this: plain im2col
+
+    def __init__(self, *args, winograd=False, **kw):
+        super().__init__(*args, **kw)
+        self.winograd = winograd
 
     def _wmat(self):
         """Conv2d._wmat, (k*k*C_in, C_out), copied by blocks of output channels on every thread
@@ -427,6 +443,8 @@ class FastConv2d(Workspace, Conv2d):
         multiplies the output channels (through the weights, for free); ``reuse``: the output may
         live in a buffer this layer's next call overwrites (for a caller that is done with it by
         then, like ConvBlock)."""
+        if out_scale is None and self._winograd_applies(x.shape):
+            return self._winograd_forward(x)
         wmat = self._wmat() if out_scale is None else self._wmat() * out_scale
         if self.k * self.k * x.shape[3] <= self.NARROW_K:
             cols, (n, ho, wo) = self.narrow_cols(x)
@@ -452,9 +470,81 @@ class FastConv2d(Workspace, Conv2d):
         self.cache = NarrowConvCache(cols, x.shape)
         return cols, (n, ho, wo)
 
+    # Winograd F(2x2, 3x3) (winograd.py), chunk by chunk of images on every thread.
+    # Winograd's transforms are passes over arrays 2 to 4 times the input's size, paid back only
+    # where the GEMMs are large against them: on the Xeon (2026-12-04), a ResNet-18 convolution
+    # of 200 images 14x14x128 or 4x4x512 took 0.84 to 0.66 of im2col's time, forward and backward,
+    # one 28x28x64 or 7x7x256 (an odd size: a spare row and column of tiles) 1.0 to 1.16.
+    WINOGRAD_MIN_CHANNELS = 128
+
+    def _winograd_applies(self, x_shape):
+        n, h, w, c_in = x_shape
+        return (self.winograd and self.xp is np and (self.k, self.stride, self.padding) == (3, 1, 1)
+                and c_in >= self.WINOGRAD_MIN_CHANNELS and h % 2 == 0 and w % 2 == 0)
+
+    def _scratch(self, shapes, dtype):
+        """Arrays of these shapes carved one after another from this thread's shared workspace."""
+        sizes = [int(np.prod(s)) for s in shapes]
+        buf, out, at = self.shared_workspace((sum(sizes),), dtype), [], 0
+        for shape, size in zip(shapes, sizes):
+            out.append(buf[at:at + size].reshape(shape))
+            at += size
+        return out
+
+    def _winograd_chunks(self, n, ty, tx, c):
+        """Chunks of images whose transformed tiles (16 per tile and channel) take about
+        CHUNK_FLOATS, but whose GEMMs have at least CHUNK_MIN_ROWS rows."""
+        per_image = 16 * ty * tx * max(c, self.c_out)
+        return spans(n, max(1, self.CHUNK_FLOATS // per_image, -(-self.CHUNK_MIN_ROWS // (ty * tx))))
+
+    def _winograd_forward(self, x):
+        xp, k = self.xp, self.c_out
+        n, h, w, c = x.shape
+        ty, tx = h // 2, w // 2         # tiles of 2x2 outputs (even sizes only)
+        xpad = self.padded(x, 1, "wpad")
+        U = winograd.filter_transform(xp, self._wmat().reshape(3, 3, c, k))
+        y = xp.empty((n, h, w, k), dtype=x.dtype)
+
+        def chunk(n0, n1):              # one thread's task: the chunk's tiles, GEMMs and outputs
+            m = n1 - n0
+            V, tmp, M, tmp_out = self._scratch(
+                [(16, m, ty, tx, c), (4, m, h + 2, tx, c), (16, m * ty * tx, k), (4, m, h, tx, k)], x.dtype)
+            winograd.input_transform(xp, xpad[n0:n1], ty, tx, V, tmp)
+            xp.matmul(V.reshape(16, -1, c), U, out=M)
+            winograd.output_transform(xp, M.reshape(16, m, ty, tx, k), ty, tx, y[n0:n1], tmp_out)
+        deal(xp, self._winograd_chunks(n, ty, tx, c), chunk)
+        self.cache = WinogradConvCache(xpad, U)
+        return y
+
+    def _winograd_backward(self, dout, need_dx):
+        xp, (xpad, U) = self.xp, self.cache
+        n, h, w, k = dout.shape
+        c = xpad.shape[3]
+        ty, tx = h // 2, w // 2
+        dx = xp.empty((n, h, w, c), dtype=dout.dtype) if need_dx else None
+
+        def chunk(n0, n1):              # one thread's task: the chunk's part of dU, and its dx
+            m = n1 - n0
+            V, tmp, dM, tmp_out, dxpad = self._scratch(
+                [(16, m, ty, tx, c), (4, m, h + 2, tx, c), (16, m * ty * tx, k), (4, m, h, tx, k),
+                 (m, h + 2, w + 2, c) if need_dx else (0,)], dout.dtype)
+            winograd.input_transform(xp, xpad[n0:n1], ty, tx, V, tmp)     # made anew: 4 times x's size if kept
+            winograd.output_grad(xp, dout[n0:n1], ty, tx, dM.reshape(16, m, ty, tx, k), tmp_out)
+            dU_part = xp.matmul(V.reshape(16, -1, c).transpose(0, 2, 1), dM)
+            if need_dx:                 # dV = dM U^T overwrites V, which dU was the last to need
+                xp.matmul(dM, U.transpose(0, 2, 1), out=V.reshape(16, -1, c))
+                winograd.input_grad(xp, V, ty, tx, dxpad, tmp)
+                dx[n0:n1] = dxpad[:, 1:1 + h, 1:1 + w]
+            return dU_part
+        dU = sum_in_order(xp, deal(xp, self._winograd_chunks(n, ty, tx, c), chunk))
+        add_by_channel_blocks(xp, self.grads["weight"], winograd.filter_grad(xp, dU).transpose(3, 2, 0, 1))
+        return dx
+
     def conv_backward(self, dout, need_dx=True):
         """dL/dy (N, Ho, Wo, C_out) -> dL/dx; adds dL/dW into grads['weight']."""
         xp, k, s, p = self.xp, self.k, self.stride, self.padding
+        if isinstance(self.cache, WinogradConvCache):
+            return self._winograd_backward(dout, need_dx)
         if isinstance(self.cache, NarrowConvCache):      # the whole im2col matrix was kept
             cols, x_shape = self.cache
             dy = dout.reshape(-1, self.c_out)
@@ -943,7 +1033,8 @@ class FastBasicBlock(BasicBlock):
     docstring. Same children, names and parameters. x: (N, H, W, C_in) -> (N, H', W', C_out)."""
 
     def __init__(self, c_in, c_out, stride, rng, xp=np, dtype=np.float32):
-        super().__init__(c_in, c_out, stride, rng, xp=xp, dtype=dtype, conv=FastConv2d, norm=FastBatchNorm2d)
+        super().__init__(c_in, c_out, stride, rng, xp=xp, dtype=dtype, conv=partial(FastConv2d, winograd=True),
+                         norm=FastBatchNorm2d)
 
     def _bn_relu(self, bn, y, train, residual=None):
         """relu(bn(y) [+ residual]), normalising y in place (the convolution's fresh output)."""

@@ -109,6 +109,58 @@ def test_fast_conv_gradients_and_narrow_fallback():
     assert isinstance(narrow.cache, fast.NarrowConvCache)
 
 
+@pytest.mark.parametrize("h,w", [(8, 8), (4, 6), (2, 2)])
+def test_winograd_conv_matches_plain(h, w):
+    """Winograd F(2x2, 3x3) against im2col's Conv2d in float64: output, dx and dW to rounding,
+    over several chunks, and without dx (dW alone)."""
+    rng = np.random.default_rng(20)
+    plain = L.Conv2d(6, 5, 3, 1, 1, bias=False, rng=rng, dtype=F64)
+    quick = fast.FastConv2d(6, 5, 3, 1, 1, bias=False, rng=rng, dtype=F64, winograd=True)
+    quick.CHUNK_FLOATS, quick.CHUNK_MIN_ROWS = 1, 1        # a chunk per image
+    quick.WINOGRAD_MIN_CHANNELS = 1
+    _copy_params(plain, quick)
+    x = rng.standard_normal((3, h, w, 6))
+    _compare(plain, quick, x, True, tol=1e-13)
+    assert isinstance(quick.cache, fast.WinogradConvCache)
+    assert len(quick._winograd_chunks(3, 1, 1, 6)) == 3
+    r = np.random.default_rng(21).standard_normal((3, h, w, 5))
+    plain.zero_grad(); quick.zero_grad()
+    plain.forward(x); quick.forward(x)
+    plain.backward(r)
+    assert quick.backward(r, need_dx=False) is None
+    _assert_same_grads(plain, quick, tol=1e-13)
+
+
+def test_winograd_conv_gradients():
+    rng = np.random.default_rng(22)
+    conv = fast.FastConv2d(4, 3, 3, 1, 1, rng=rng, dtype=F64, winograd=True)    # with a bias
+    conv.CHUNK_FLOATS, conv.CHUNK_MIN_ROWS, conv.WINOGRAD_MIN_CHANNELS = 1, 1, 1
+    errors = gradcheck.check_layer(conv, rng.standard_normal((2, 4, 6, 4)))
+    assert max(errors.values()) < 1e-6, errors
+    assert isinstance(conv.cache, fast.WinogradConvCache)
+
+
+def test_winograd_only_where_asked_and_where_it_applies():
+    """Stride 2, 1x1, an odd size, fewer channels than WINOGRAD_MIN_CHANNELS, a narrow input and
+    the ConvNet keep im2col; so does a layer that did not ask."""
+    from scratchproto import build_backbone
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((2, 6, 6, 128))
+    for args, kw, size, want in [((128, 4, 3, 1, 1), dict(winograd=True), 6, fast.WinogradConvCache),
+                                 ((128, 4, 3, 1, 1), {}, 6, fast.ChunkedConvCache),
+                                 ((128, 4, 3, 1, 1), dict(winograd=True), 5, fast.ChunkedConvCache),
+                                 ((64, 4, 3, 1, 1), dict(winograd=True), 6, fast.ChunkedConvCache),
+                                 ((128, 4, 3, 2, 1), dict(winograd=True), 6, fast.ChunkedConvCache),
+                                 ((128, 4, 1, 1, 0), dict(winograd=True), 6, fast.ChunkedConvCache),
+                                 ((3, 4, 3, 1, 1), dict(winograd=True), 6, fast.NarrowConvCache)]:
+        conv = fast.FastConv2d(*args, rng=rng, dtype=F64, **kw)
+        conv.forward(x[:, :size, :size, :args[0]])
+        assert type(conv.cache) is want, (args, kw, size)
+    resnet, convnet = build_backbone("resnet18", dtype=F64), build_backbone("convnet", dtype=F64)
+    winograd = lambda net: [n for n, m in net.encoder.named_modules() if getattr(m, "winograd", False)]
+    assert "layer1.0.conv1" in winograd(resnet) and not winograd(convnet)
+
+
 def _blocks(xp, c_in, seed, conv_cls=fast.FastConv2d, c_out=5):
     rng = np.random.default_rng(seed)
     kw = dict(xp=xp, dtype=F64)
