@@ -470,11 +470,11 @@ class FastConv2d(Workspace, Conv2d):
         self.cache = NarrowConvCache(cols, x.shape)
         return cols, (n, ho, wo)
 
-    # Winograd F(2x2, 3x3) (winograd.py), chunk by chunk of images on every thread.
-    # Winograd's transforms are passes over arrays 2 to 4 times the input's size, paid back only
-    # where the GEMMs are large against them: on the Xeon (2026-12-04), a ResNet-18 convolution
-    # of 200 images 14x14x128 or 4x4x512 took 0.84 to 0.66 of im2col's time, forward and backward,
-    # one 28x28x64 or 7x7x256 (an odd size: a spare row and column of tiles) 1.0 to 1.16.
+    # Winograd F(2x2, 3x3) (winograd.py), chunk by chunk of images on every thread. Its transforms
+    # are passes over arrays 2 to 4 times the input's size, paid back only where the GEMMs are
+    # large against them (python benchmarks/winograd.py; benchmarks/README.md): on the Xeon a
+    # ResNet-18 convolution with 128 or 512 channels took 0.70 to 0.96 of im2col's time, one with
+    # 64 channels 1.02 to 1.39. An odd size (layer3's 7x7) would compute a spare row and column.
     WINOGRAD_MIN_CHANNELS = 128
 
     def _winograd_applies(self, x_shape):
