@@ -10,12 +10,13 @@ products are thinner: (rows, 576) x (576, 64) is the second ConvNet block's im2c
 (64, rows) x (rows, 576) its weight gradient; their rate against the square one says how much a
 better arrangement could still gain. Best and median of 7 runs each.
 """
-import os
 import statistics
 import time
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
+
+from scratchproto import fast
 
 
 def rate(flops, f, runs=7):
@@ -29,7 +30,7 @@ def rate(flops, f, runs=7):
 
 
 def main():
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = fast.usable_cores()
     blas = [f"{lib['internal_api']} {lib['version']} ({lib.get('architecture', '?')})"
             for lib in threadpool_info() if lib["user_api"] == "blas"]
     print(f"NumPy {np.__version__}, BLAS: {', '.join(blas)}; {cores} usable cores")

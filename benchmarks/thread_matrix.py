@@ -25,6 +25,8 @@ import statistics
 import subprocess
 import sys
 
+from scratchproto import fast
+
 HERE = pathlib.Path(__file__).resolve().parent
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "SCRATCHPROTO_THREADS",
                     "OPENBLAS_THREAD_TIMEOUT")
@@ -67,7 +69,7 @@ def main():
     p.add_argument("--episodes", type=int, default=5, help="timed episodes per process, after warm-up")
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = fast.usable_cores()
     args = ["--backbone", a.backbone, "--device", "cpu", "--way", str(a.way), "--shot", str(a.shot),
             "--query", str(a.query), "--episodes", str(a.episodes), "--no-layers"]
     table = cases(cores)

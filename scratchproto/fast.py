@@ -926,6 +926,24 @@ def normalise_in_place(bn, y, train):
     return y, inv_std
 
 
+def batchnorm_affine(bn, xhat, residual=None, relu=True):
+    """gamma * xhat + beta (+ residual) (then ReLU) for the normalised xhat (N, H, W, C), in
+    blocks of images on every thread (NumPy): the end of BatchNorm's forward pass, fused with
+    what follows it in ResNet-18."""
+    xp = bn.xp
+    out = xp.empty_like(xhat)
+
+    def part(n0, n1):
+        o = channelwise(xp.multiply, xhat[n0:n1], bn.params["weight"], out[n0:n1])
+        channelwise(xp.add, o, bn.params["bias"], o)
+        if residual is not None:
+            o += residual[n0:n1]
+        if relu:
+            xp.maximum(o, 0, out=o)
+    over_images(xp, len(out), out[0].size, part)
+    return out
+
+
 def batchnorm_forward_kernels(bn, y, train, residual=None, relu=True):
     """BatchNorm2d's forward [+ residual] [+ ReLU] in four CUDA kernels (kernels.py) in training:
     two channel reductions, the running statistics with 1/sigma, one elementwise pass (two in
@@ -990,12 +1008,7 @@ class FastBatchNorm2d(BatchNorm2d):
             out, xhat, inv_std = batchnorm_forward_kernels(self, x, train, relu=False)
         elif xp is np:
             xhat, inv_std = normalise_in_place(self, x, train)
-            out = xp.empty_like(xhat)
-
-            def part(n0, n1):
-                o = channelwise(xp.multiply, xhat[n0:n1], self.params["weight"], out[n0:n1])
-                channelwise(xp.add, o, self.params["bias"], o)
-            over_images(xp, len(out), out[0].size, part)
+            out = batchnorm_affine(self, xhat, relu=False)
         else:
             return super().forward(x, train)
         self.cache = BatchNormCache(xhat, inv_std, train)
@@ -1040,18 +1053,8 @@ class FastBasicBlock(BasicBlock):
         """relu(bn(y) [+ residual]), normalising y in place (the convolution's fresh output)."""
         if kernels.enabled(self.xp):
             return batchnorm_forward_kernels(bn, y, train, residual)
-        xp = self.xp
         xhat, inv_std = normalise_in_place(bn, y, train)
-        out = xp.empty_like(xhat)
-
-        def part(n0, n1):
-            o = channelwise(xp.multiply, xhat[n0:n1], bn.params["weight"], out[n0:n1])
-            channelwise(xp.add, o, bn.params["bias"], o)
-            if residual is not None:
-                o += residual[n0:n1]
-            xp.maximum(o, 0, out=o)
-        over_images(xp, len(out), out[0].size, part)
-        return out, xhat, inv_std
+        return batchnorm_affine(bn, xhat, residual), xhat, inv_std
 
     def forward(self, x, train=True):
         h, xhat1, inv1 = self._bn_relu(self.bn1, self.conv1.forward(x, train), train)
