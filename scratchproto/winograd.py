@@ -39,7 +39,11 @@ def signed_sum(xp, coefs, parts, out, accumulate=False):
     if not accumulate:
         (c0, p0), terms = terms[0], terms[1:]
         if not terms:
-            return xp.copyto(out, p0) if c0 > 0 else xp.negative(p0, out=out)
+            if c0 > 0:
+                xp.copyto(out, p0)
+            else:
+                xp.negative(p0, out=out)
+            return out
         c1, p1 = terms.pop(0)
         if c0 > 0:
             (xp.add if c1 > 0 else xp.subtract)(p0, p1, out=out)
