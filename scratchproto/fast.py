@@ -387,8 +387,10 @@ class FastConv2d(Workspace, Conv2d):
         copy_images(self.xp, xpad[:, pad:pad + h, pad:pad + w], x)
         return xpad
 
-    def _chunks(self, n, ho, wo, c):
-        per_image = ho * wo * self.k * self.k * c
+    def _chunks(self, n, ho, wo, c, per_image=None):
+        """Chunks of images whose scratch rows (per_image floats an image: im2col's by default)
+        take about CHUNK_FLOATS on a CPU, with GEMMs of at least CHUNK_MIN_ROWS rows (Ho*Wo an image)."""
+        per_image = per_image or ho * wo * self.k * self.k * c
         if self.xp is np:
             step = max(1, self.CHUNK_FLOATS // per_image, -(-self.CHUNK_MIN_ROWS // (ho * wo)))
         else:
@@ -492,10 +494,8 @@ class FastConv2d(Workspace, Conv2d):
         return out
 
     def _winograd_chunks(self, n, ty, tx, c):
-        """Chunks of images whose transformed tiles (16 per tile and channel) take about
-        CHUNK_FLOATS, but whose GEMMs have at least CHUNK_MIN_ROWS rows."""
-        per_image = 16 * ty * tx * max(c, self.c_out)
-        return spans(n, max(1, self.CHUNK_FLOATS // per_image, -(-self.CHUNK_MIN_ROWS // (ty * tx))))
+        """_chunks for the transformed tiles: 16 values per tile and channel, Ty*Tx GEMM rows an image."""
+        return self._chunks(n, ty, tx, c, per_image=16 * ty * tx * max(c, self.c_out))
 
     def _winograd_forward(self, x):
         xp, k = self.xp, self.c_out
