@@ -167,7 +167,7 @@ def blas_one_thread(xp):
 
 
 THREADS = cpu_threads()
-BLOCK_FLOATS = 1 << 18      # about 1 MB of float32 per block: within a core's L2 cache
+BLOCK_FLOATS = 1 << 19      # about 2 MB of float32 per block (benchmarks/README.md)
 _pool = None                # (workers, executor): THREADS - 1 threads, made on first use; the caller is the last
 _local = threading.local()  # .slot: which of our threads this is (0: the caller), while it takes tasks
 
@@ -343,8 +343,8 @@ class FastConv2d(Workspace, Conv2d):
     ``winograd=True``: a 3x3, stride-1, padding-1 convolution on NumPy runs as Winograd's
     F(2x2, 3x3) instead (winograd.py), chunk by chunk of images as im2col does: 16/36 of the
     GEMMs' multiplications for even sizes. Its numbers differ from im2col's by rounding, so it is
-    asked for (ResNet-18's blocks), never implied; the ConvNet keeps im2col and its committed
-    numbers. On CuPy it is not used: it has not run on a GPU.
+    asked for (ResNet-18's blocks), never implied; the ConvNet keeps im2col. On CuPy it is not
+    used: it has not run on a GPU.
     """
 
     # On a CPU, about 4 MB of im2col rows per chunk, so that a chunk is still in the cache for
@@ -405,12 +405,13 @@ class FastConv2d(Workspace, Conv2d):
                     self._window_view(xpad, n0, n1, ho, wo, stride))
         return cols
 
-    def _correlate(self, x, wmat, pad, stride, name, reuse=False, rows_of=None):
+    def _correlate(self, x, wmat, pad, stride, name, reuse=False, each_chunk=None):
         """sum over taps of the padded x (N, H, W, C) times wmat (k*k*C, C_out), chunk by chunk.
-        Returns (y (N, Ho, Wo, C_out), the padded x, which is a workspace named name).
+        Returns (y (N, Ho, Wo, C_out), the padded x (a workspace named name), [each_chunk's values]).
 
-        ``rows_of``: a C-contiguous array (N, Ho, Wo, C') whose rows R also meet each chunk of
-        im2col rows: then also returns R^T cols (C', k*k*C), summed over the chunks."""
+        ``each_chunk(n0, n1, y_chunk, cols)``: called in a chunk's task, right after its product,
+        while y's images n0..n1 (n1 - n0, Ho, Wo, C_out) and the chunk's im2col rows cols are
+        still in the cache; its values come back in chunk order."""
         xp, k = self.xp, self.k
         n, h, w, c = x.shape
         ho, wo = output_size(h, k, stride, pad), output_size(w, k, stride, pad)
@@ -421,12 +422,11 @@ class FastConv2d(Workspace, Conv2d):
 
         def chunk(n0, n1):              # one thread's task: an im2col chunk and its products
             cols = self._cols(xpad, n0, n1, ho, wo, stride, chunks[0][1])
-            xp.matmul(cols, wmat, out=y[n0 * ho * wo:n1 * ho * wo])
-            if rows_of is not None:     # while the chunk is still in the cache
-                return rows_of[n0:n1].reshape(-1, rows_of.shape[3]).T @ cols
+            y_chunk = xp.matmul(cols, wmat, out=y[n0 * ho * wo:n1 * ho * wo])
+            if each_chunk is not None:
+                return each_chunk(n0, n1, y_chunk.reshape(n1 - n0, ho, wo, -1), cols)
         parts = deal(xp, chunks, chunk)
-        y = y.reshape(n, ho, wo, -1)
-        return (y, xpad) if rows_of is None else (y, xpad, sum_in_order(xp, parts))
+        return y.reshape(n, ho, wo, -1), xpad, parts
 
     def forward(self, x, train=True):
         y = self.conv(x)
@@ -440,12 +440,14 @@ class FastConv2d(Workspace, Conv2d):
         return self.conv_backward(dout, need_dx)
 
     # The bias-free core, also used by the fused ConvNet block.
-    def conv(self, x, out_scale=None, reuse=False):
+    def conv(self, x, out_scale=None, reuse=False, each_chunk=None):
         """x (N, H, W, C_in) -> x * W (N, Ho, Wo, C_out), no bias. ``out_scale`` (C_out,)
         multiplies the output channels (through the weights, for free); ``reuse``: the output may
         live in a buffer this layer's next call overwrites (for a caller that is done with it by
-        then, like ConvBlock)."""
-        if out_scale is None and self._winograd_applies(x.shape):
+        then, like ConvBlock). ``each_chunk(n0, n1, y_chunk)``: called on consecutive ranges of
+        images covering 0..N, y's images n0..n1 as soon as they are made (on a CPU by the thread
+        that made them, while they are in its cache); conv then returns (y, [its values in order])."""
+        if out_scale is None and each_chunk is None and self._winograd_applies(x.shape):
             return self._winograd_forward(x)
         wmat = self._wmat() if out_scale is None else self._wmat() * out_scale
         if self.k * self.k * x.shape[3] <= self.NARROW_K:
@@ -453,12 +455,19 @@ class FastConv2d(Workspace, Conv2d):
             shape = (n * ho * wo, self.c_out)
             y = self.workspace("y", shape, x.dtype) if reuse else self.xp.empty(shape, dtype=x.dtype)
             per = ho * wo               # rows per image; blocks of images shared among the threads
-            over_images(self.xp, n, per * self.c_out, lambda n0, n1: self.xp.matmul(
-                cols[n0 * per:n1 * per], wmat, out=y[n0 * per:n1 * per]))
-            return y.reshape(n, ho, wo, self.c_out)
-        y, xpad = self._correlate(x, wmat, self.padding, self.stride, "xpad", reuse)
+
+            def block(n0, n1):
+                y_block = self.xp.matmul(cols[n0 * per:n1 * per], wmat, out=y[n0 * per:n1 * per])
+                if each_chunk is not None:
+                    return each_chunk(n0, n1, y_block.reshape(n1 - n0, ho, wo, self.c_out))
+            parts = over_images(self.xp, n, per * self.c_out, block)
+            y = y.reshape(n, ho, wo, self.c_out)
+            return y if each_chunk is None else (y, parts)
+        y, xpad, parts = self._correlate(x, wmat, self.padding, self.stride, "xpad", reuse,
+                                         None if each_chunk is None else lambda n0, n1, y_chunk, cols:
+                                         each_chunk(n0, n1, y_chunk))
         self.cache = ChunkedConvCache(x, xpad)
-        return y
+        return y if each_chunk is None else (y, parts)
 
     def narrow_cols(self, x):
         """The whole im2col matrix (N*Ho*Wo, k*k*C_in) of a narrow input x (N, H, W, C_in), kept
@@ -570,9 +579,11 @@ class FastConv2d(Workspace, Conv2d):
             w_flip = self.params["weight"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1)     # (kh, kw, out, in)
             if xp is np:                # by blocks of output channels; on a GPU reshape's one copy
                 w_flip = copy_by_blocks(xp, np.empty(w_flip.shape, dtype=w_flip.dtype), w_flip, 2)
-            dx, _, xt_cols = self._correlate(xp.ascontiguousarray(dout), w_flip.reshape(-1, c), k - 1 - p, 1,
-                                             "dypad", rows_of=xp.ascontiguousarray(x))
-            dw = xt_cols.reshape(c, k, k, self.c_out)[:, ::-1, ::-1]           # (in, kh, kw, out)
+            x_rows = xp.ascontiguousarray(x).reshape(-1, c)
+            dx, _, parts = self._correlate(xp.ascontiguousarray(dout), w_flip.reshape(-1, c), k - 1 - p, 1, "dypad",
+                                           each_chunk=lambda n0, n1, dx_chunk, cols: (
+                                               x_rows[n0 * h * w:n1 * h * w].T @ cols))
+            dw = sum_in_order(xp, parts).reshape(c, k, k, self.c_out)[:, ::-1, ::-1]     # (in, kh, kw, out)
             add_by_channel_blocks(xp, self.grads["weight"], dw.transpose(3, 0, 1, 2))
             return dx
         dy = dout.reshape(-1, self.c_out)
@@ -638,15 +649,28 @@ class ConvBlock(Workspace, Sequential):
         # Work with y' = sign(gamma) * conv(x), folded into the weights: BatchNorm's scale on y'
         # is then >= 0 everywhere and max-pooling y' is pooling the normalised output.
         sign = xp.copysign(gamma.dtype.type(1), gamma)     # (for gamma = -0 either sign is right)
-        window_cols = cols = None
+        window_cols = cols = sums = None
         if self._conv_in_chunks(x):
             # the narrow first block on the CPU: y' is made and pooled a chunk at a time below
             window_cols = self._window_cols(x)
             cols = window_cols.reshape(-1, window_cols.shape[-1])
             self.conv.cache = None                     # (conv.narrow_cols was not used)
             y, m = None, cols.shape[0]
-        else:
+        elif kernels.enabled(xp):
             y = self.conv.conv(x, out_scale=sign, reuse=True)   # no bias: BatchNorm's mean absorbs it
+            m = y.size // bn.c
+        else:
+            # Each chunk of y' is pooled, and its per-image channel sums taken, by the thread that
+            # made it while it is in the cache, instead of in two more passes over y'.
+            n, h, w, _ = x.shape
+            conv = self.conv
+            ho, wo = output_size(h, conv.k, conv.stride, conv.padding), output_size(w, conv.k, conv.stride, conv.padding)
+            pooled = xp.empty((n, ho // 2, wo // 2, bn.c), dtype=x.dtype)
+
+            def pool_and_sum(n0, n1, y_chunk):
+                self._pool(y_chunk, pooled[n0:n1])
+                return xp.einsum("nij->nj", y_chunk.reshape(n1 - n0, -1, bn.c)) if train else None
+            y, sums = conv.conv(x, out_scale=sign, reuse=True, each_chunk=pool_and_sum)
             m = y.size // bn.c
             if isinstance(self.conv.cache, NarrowConvCache):
                 cols = self.conv.cache.cols
@@ -658,11 +682,7 @@ class ConvBlock(Workspace, Sequential):
             # (mean = colsum @ W' / m, E[y'^2] = diag(W'^T G W') / m), in float64 to keep them exact.
             # (Not on the kernel path: there y' exists anyway, two reductions read it, and these
             # dozen small operations, with the weight gradient's below, would be as many launches.)
-            def gram_part(r0, r1):      # a block of rows on each thread, summed in block order
-                c64 = cols[r0:r1].astype(np.float64)
-                return xp.ones(r1 - r0) @ c64, c64.T @ c64      # (a product: sum(axis=0) over 9 columns crawls)
-            parts = over_images(xp, len(cols), 2 * cols.shape[1], gram_part)
-            colsum, g = sum_in_order(xp, [p[0] for p in parts]), sum_in_order(xp, [p[1] for p in parts])
+            colsum, g = column_sums_and_gram(xp, cols)
             w64 = (self.conv._wmat() * sign).astype(np.float64)
             mean64 = colsum @ w64 / m
             var64 = xp.einsum("ko,kl,lo->o", w64, g, w64) / m - mean64 ** 2
@@ -672,7 +692,7 @@ class ConvBlock(Workspace, Sequential):
             mean = kernels.channel_sum(xp, y, 1.0 / m)
             var = kernels.channel_sq_dev(xp, y, mean, 1.0 / m)
         elif train:
-            mean, var = batch_stats(xp, y)
+            mean, var = batch_stats(xp, y, sums)
         if train:   # the running statistics are kept for conv(x) + bias, as in PyTorch
             kernels.running_stats(xp, bn, mean, var, m, sign, b if b is not None else 0)
         else:
@@ -685,12 +705,10 @@ class ConvBlock(Workspace, Sequential):
             pooled, out, winner = kernels.pool_bn_relu(xp, y, scale, shift)
         elif y is None:
             pooled, out, winner = self._conv_and_pool_in_chunks(window_cols, self.conv._wmat() * sign, scale, shift)
-        else:
-            n, h, w, c = y.shape
-            pooled = xp.empty((n, h // 2, w // 2, c), dtype=y.dtype)
+        else:                                       # pooled above, with the product
             out = xp.empty_like(pooled)
-            over_images(xp, n, y[0].size, lambda n0, n1: self._pool_block(
-                y[n0:n1], pooled[n0:n1], out[n0:n1], None, scale, shift))
+            over_images(xp, len(out), out[0].size, lambda n0, n1: self._scale_shift_relu(
+                pooled[n0:n1], scale, shift, out[n0:n1]))
         self.cache = ConvBlockCache(y, pooled, out, sign, mean, inv_std, m, train, gram, winner,
                                     x if y is None else None, window_cols)
         return out
@@ -719,11 +737,11 @@ class ConvBlock(Workspace, Sequential):
             copy_images(self.xp, cols[q], conv._window_view(xpad[:, i:, j:], 0, n, h // 2, w // 2, 2))
         return cols.reshape(4, n, h // 2, w // 2, -1)
 
-    def _pool_block(self, y, pooled, out, winner, scale, shift):
-        """For a block of images: pooled = the max of each 2x2 window of y (N, H, W, C), out =
-        max(scale*pooled + shift, 0) and, where winner is given, the window position (0..3, row
-        major) of the first maximum, as uint8 (ties go to the first, as in MaxPool2d). y may also
-        be given as its four window positions' values, [(N, H/2, W/2, C)] * 4."""
+    def _pool(self, y, pooled, winner=None):
+        """For a block of images: pooled = the max of each 2x2 window of y (N, H, W, C) and, where
+        winner is given, the window position (0..3, row major) of the first maximum, as uint8
+        (ties go to the first, as in MaxPool2d). y may also be given as its four window
+        positions' values, [(N, H/2, W/2, C)] * 4."""
         xp, views = self.xp, (y if isinstance(y, list) else self._windows(y))
         xp.maximum(views[0], views[1], out=pooled)
         xp.maximum(pooled, views[2], out=pooled)
@@ -734,6 +752,10 @@ class ConvBlock(Workspace, Sequential):
             for v in views[1:3]:
                 later &= v != pooled
                 winner += later
+
+    def _scale_shift_relu(self, pooled, scale, shift, out):
+        """out = max(scale*pooled + shift, 0): BatchNorm's affine map and the ReLU, on the pooled quarter."""
+        xp = self.xp
         channelwise(xp.multiply, pooled, scale, out)
         channelwise(xp.add, out, shift, out)
         xp.maximum(out, 0, out=out)
@@ -741,7 +763,7 @@ class ConvBlock(Workspace, Sequential):
     def _conv_and_pool_in_chunks(self, window_cols, wmat, scale, shift):
         """y' = cols @ wmat for the window-major rows (4, N, Ho, Wo, K) of _window_cols, a chunk
         of images at a time (about 4 MB of y', pooled by the thread that made it while it is still
-        in the cache) so that y' never exists whole; each chunk is pooled as _pool_block does, on the four
+        in the cache) so that y' never exists whole; each chunk is pooled as _pool does, on the four
         window positions' contiguous outputs. Returns (pooled, out, winner), (N, Ho, Wo, C)."""
         xp, (_, n, ho, wo, k), c = self.xp, window_cols.shape, wmat.shape[1]
         shape = (n, ho, wo, c)
@@ -753,15 +775,17 @@ class ConvBlock(Workspace, Sequential):
             y = buf[:, :(c1 - c0) * ho * wo]
             for q in range(4):
                 xp.matmul(window_cols[q, c0:c1].reshape(-1, k), wmat, out=y[q])
-            self._pool_block(list(y.reshape(4, c1 - c0, ho, wo, c)), pooled[c0:c1], out[c0:c1], winner[c0:c1],
-                             scale, shift)
+            self._pool(list(y.reshape(4, c1 - c0, ho, wo, c)), pooled[c0:c1], winner[c0:c1])
+            self._scale_shift_relu(pooled[c0:c1], scale, shift, out[c0:c1])
         deal(xp, spans(n, step), chunk)
         return pooled, out, winner
 
     def backward(self, dout, need_dx=True):
         xp, bn = self.xp, self.bn
         y, pooled, out, sign, mean, inv_std, m, train, gram, winner, _, _ = self.cache
-        if y is None and (need_dx or gram is None):
+        if gram is not None and not need_dx:        # the narrow first block, as the trainer runs it
+            return self._narrow_backward(dout)
+        if y is None:
             # the chunked first block asked for more than the trainer asks (dx, or an evaluation-
             # mode backward: gradient checks): make the whole y' after all, in (N, H, W) order
             cols, (n, h, w) = self.conv.narrow_cols(self.cache.x)
@@ -779,32 +803,36 @@ class ConvBlock(Workspace, Sequential):
         a, dy_per_y, dy_const = kernels.block_backward_constants(
             xp, bn.params["weight"], inv_std, sign, mean, dgamma, dbeta, m, train,
             (bn.grads["weight"], bn.grads["bias"], self.conv.grads.get("bias")))
-        if gram is not None and not need_dx:
-            if dz is None:
-                a_dz = a * dout * (out > 0)
-            else:
-                a_dz = dz
-                over_images(xp, len(dz), dz[0].size, lambda n0, n1: channelwise(xp.multiply, dz[n0:n1], a, dz[n0:n1]))
-            return self._narrow_weight_grad(a_dz, dy_per_y, dy_const, gram)
         if kernels.enabled(xp):                     # the kernel path: dy in one kernel
             return self.conv.conv_backward(kernels.conv_block_dy(xp, y, dy_per_y, dy_const, a, dout, out, winner), need_dx)
         return self.conv.conv_backward(self._dy_in_place(y, pooled, winner, dz, a, dy_per_y, dy_const), need_dx)
 
     def _relu_and_bn_grads(self, dout, out, pooled, mean, s):
-        """dz = dout through the ReLU (N, H/2, W/2, C), and BatchNorm's dbeta = sum dz and
-        dgamma = sum dz * xhat with xhat = (pooled - mean) * s, in one pass of blocks."""
-        xp, c = self.xp, dout.shape[-1]
-        dz = xp.empty_like(dout)
+        """dz = dout through the ReLU (N, H/2, W/2, C), and BatchNorm's dbeta and dgamma
+        (``_bn_grads``), in one pass of blocks."""
+        dz = self.xp.empty_like(dout)
+        parts = over_images(self.xp, len(dout), dout[0].size, lambda n0, n1: self._relu_sums(
+            dout[n0:n1], out[n0:n1], pooled[n0:n1], dz[n0:n1]))
+        return (dz,) + self._bn_grads(parts, mean, s)
 
-        def part(n0, n1):
-            d = dz[n0:n1]
-            xp.multiply(dout[n0:n1], out[n0:n1] > 0, out=d)
-            d3 = d.reshape(n1 - n0, -1, c)
-            xhat = channelwise(xp.subtract, pooled[n0:n1], mean)
-            xhat = channelwise(xp.multiply, xhat, s, xhat).reshape(d3.shape)
-            return xp.einsum("nij->nj", d3), xp.einsum("nij,nij->nj", d3, xhat)
-        parts = over_images(xp, len(dout), dout[0].size, part)
-        return dz, per_image_sums(xp, [p[0] for p in parts]), per_image_sums(xp, [p[1] for p in parts])
+    def _relu_sums(self, dout, out, pooled, dz):
+        """For a block of images (N, H, W, C): dz = dout where out > 0 (the ReLU's backward), and
+        per image and channel the sums that BatchNorm's backward needs, sum dz and sum dz * pooled,
+        (N, C) each."""
+        xp = self.xp
+        xp.multiply(dout, out > 0, out=dz)
+        d3 = dz.reshape(len(dz), -1, dz.shape[-1])
+        return xp.einsum("nij->nj", d3), xp.einsum("nij,nij->nj", d3, pooled.reshape(d3.shape))
+
+    def _bn_grads(self, parts, mean, s):
+        """BatchNorm's dbeta = sum dz and dgamma = sum dz * xhat, xhat = (pooled - mean) * s, from
+        the per-image sums of _relu_sums on consecutive blocks of images, across images in
+        float64: sum dz * xhat = s * (sum dz * pooled - mean * sum dz), so that no pass makes xhat."""
+        xp = self.xp
+        dbeta = xp.concatenate([p[0] for p in parts]).sum(axis=0, dtype=np.float64)
+        dz_pooled = xp.concatenate([p[1] for p in parts]).sum(axis=0, dtype=np.float64)
+        dgamma = s * (dz_pooled - mean * dbeta)
+        return dbeta.astype(mean.dtype), dgamma.astype(mean.dtype)
 
     def _dy_in_place(self, y, pooled, winner, dz, a, dy_per_y, dy_const):
         """dL/dy' = dy_per_y*y' + dy_const everywhere, plus a*dz at each window's first winner,
@@ -839,55 +867,92 @@ class ConvBlock(Workspace, Sequential):
                 taken |= hit
             yield hit
 
-    def _narrow_weight_grad(self, a_dz, dy_per_y, dy_const, gram):
-        """dL/dW without the full-size dy = dy_per_y*y' + dy_const + (a*dz at the winners):
-        cols^T dy = dy_per_y * (G W') + dy_const * colsum + sum over window positions q of
-        cols_q^T (a*dz)_q."""
-        xp, conv = self.xp, self.conv
-        y, pooled, winner, window_cols = self.cache.y, self.cache.pooled, self.cache.winner, self.cache.window_cols
+    def _narrow_backward(self, dout):
+        """The narrow first block's backward pass in training when only dW is wanted (the
+        trainer's case: the images need no gradient), without the full-size dy = dy_per_y*y' +
+        dy_const + (a*dz at the winners): cols^T dy = dy_per_y * (G W') + dy_const * colsum +
+        a * sum over window positions q of cols_q^T dz_q, a per output channel. One pass of
+        chunks of images, each one thread's task while the chunk is in the cache: its dz (dout
+        through the ReLU) and the per-image sums for BatchNorm (_relu_sums), dz where each window
+        position wins, and that position's rows of cols (gathered unless they are window-major)
+        times it; the chunks' sums are added in order."""
+        xp, conv, bn = self.xp, self.conv, self.bn
+        y, pooled, out, sign, mean, inv_std, m, train, gram, winner, x, window_cols = self.cache
         if window_cols is None:                   # rows in (N, H, W) order: gathered per window position
             cols, (n, h, w, c) = conv.cache
             cols4 = cols.reshape(n, h, w, -1)
         else:
-            (n, h, w, c), cols = self.cache.x.shape, window_cols
-        colsum, gw = gram
-        kk = cols.shape[-1]
+            (n, h, w, c), cols = x.shape, window_cols
+        kk, c_out = cols.shape[-1], conv.c_out
         ho, wo = h // 2, w // 2
-        dw = (gw * dy_per_y + colsum[:, None] * dy_const).astype(cols.dtype)     # (K, C_out)
-        # In chunks of images, each one thread's task: a*dz where each window position wins (and
-        # that position's rows of cols, gathered unless they are window-major), then GEMMs sum
-        # the products; the chunks' sums are added in order.
         limit = FastConv2d.CHUNK_FLOATS if xp is np else FastConv2d.GPU_CHUNK_FLOATS   # (a chunk is launches)
-        step = max(1, limit // (4 * ho * wo * conv.c_out))
+        step = max(1, limit // (4 * ho * wo * c_out))
 
         def chunk(s0, s1):
             slot, b = thread_slot(), slice(s0, s1)
-            dz_q = self.workspace(f"dz_q{slot}", (4, min(n, step)) + a_dz.shape[1:], a_dz.dtype)[:, :s1 - s0]
+            dz = self.workspace(f"dz{slot}", (min(n, step),) + dout.shape[1:], dout.dtype)[:s1 - s0]
+            sums = self._relu_sums(dout[b], out[b], pooled[b], dz)
+            dz_q = self.workspace(f"dz_q{slot}", (4,) + dz.shape, dz.dtype)[:, :s1 - s0]
             hits = (self._first_winners(y[b], pooled[b]) if winner is None else
                     (winner[b] == q for q in range(4)))
             for q, hit in enumerate(hits):
-                xp.multiply(a_dz[b], hit, out=dz_q[q])
+                xp.multiply(dz, hit, out=dz_q[q])
             if window_cols is not None:
-                parts = [window_cols[q, b].reshape(-1, kk).T @ dz_q[q].reshape(-1, conv.c_out) for q in range(4)]
-                return sum_in_order(xp, parts)
+                return sums, sum_in_order(xp, [window_cols[q, b].reshape(-1, kk).T @ dz_q[q].reshape(-1, c_out)
+                                               for q in range(4)])
             cols_q = self.workspace(f"cols_q{slot}", (4, min(n, step), ho, wo, kk), cols.dtype)[:, :s1 - s0]
             for q in range(4):
                 i, j = divmod(q, 2)
                 cols_q[q] = cols4[b, i:2 * ho:2, j:2 * wo:2]
-            return cols_q.reshape(-1, kk).T @ dz_q.reshape(-1, conv.c_out)
-        for part in deal(xp, spans(n, step), chunk):
-            dw += part
-        conv.grads["weight"] += dw.reshape(conv.k, conv.k, c, conv.c_out).transpose(3, 2, 0, 1)
+            return sums, cols_q.reshape(-1, kk).T @ dz_q.reshape(-1, c_out)
+        results = deal(xp, spans(n, step), chunk)
+        dbeta, dgamma = self._bn_grads([r[0] for r in results], mean, sign * inv_std)
+        a, dy_per_y, dy_const = kernels.block_backward_constants(
+            xp, bn.params["weight"], inv_std, sign, mean, dgamma, dbeta, m, train,
+            (bn.grads["weight"], bn.grads["bias"], conv.grads.get("bias")))
+        colsum, gw = gram
+        dw = (gw * dy_per_y + colsum[:, None] * dy_const).astype(cols.dtype)     # (K, C_out)
+        dw += sum_in_order(xp, [r[1] for r in results]) * a
+        conv.grads["weight"] += dw.reshape(conv.k, conv.k, c, c_out).transpose(3, 2, 0, 1)
         return None
 
 
-def batch_stats(xp, y):
+GRAM_STACK = 16     # column_sums_and_gram's products per matmul call
+
+
+def column_sums_and_gram(xp, cols):
+    """The column sums (K,) and the Gram matrix cols^T cols (K, K) of cols (R, K), in float64,
+    over blocks of rows on every thread, summed in block order.
+
+    Each block's sums are one product, [1 | cols]^T cols, stacked GRAM_STACK times over slices
+    of its rows: NumPy keeps the GIL through a product with fewer than about 500 outputs (a
+    9 x 9 Gram matrix, or a vector times a matrix), so that unstacked the threads would take
+    turns; stacked (16 x 10 x 9 outputs) they share the work, and each product is faster too."""
+    k = cols.shape[1]
+
+    def part(r0, r1):
+        rows = r1 - r0
+        ones_cols = xp.empty((rows, k + 1), dtype=np.float64)
+        ones_cols[:, 0] = 1
+        ones_cols[:, 1:] = cols[r0:r1]
+        whole = rows - rows % GRAM_STACK
+        stacked = ones_cols[:whole].reshape(GRAM_STACK, -1, k + 1)
+        total = xp.matmul(stacked.transpose(0, 2, 1), stacked[:, :, 1:]).sum(axis=0)     # (K + 1, K)
+        if whole < rows:
+            total += ones_cols[whole:].T @ ones_cols[whole:, 1:]
+        return total
+    total = sum_in_order(xp, over_images(xp, len(cols), 2 * (k + 1), part))
+    return total[0], total[1:]
+
+
+def batch_stats(xp, y, sums=None):
     """Mean and biased variance per channel of y (N, H, W, C): BatchNorm's batch statistics,
     summed image by image like BatchNorm2d.channel_sum, with y - mean made a block at a time
-    rather than as a full-size temporary."""
+    rather than as a full-size temporary. ``sums``: y's per-image channel sums (n_i, C) of
+    consecutive blocks of images, where they were taken already."""
     y3 = y.reshape(y.shape[0], -1, y.shape[-1])
     m = y3.shape[0] * y3.shape[1]
-    mean = channel_sums(xp, y3) / m
+    mean = (channel_sums(xp, y3) if sums is None else per_image_sums(xp, sums)) / m
 
     def squares(n0, n1):
         yc = channelwise(xp.subtract, y3[n0:n1], mean)
