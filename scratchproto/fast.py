@@ -970,43 +970,39 @@ def channel_sums(xp, a, b=None):
     return per_image_sums(xp, over_images(xp, len(a3), a3[0].size, part))
 
 
-def normalise_in_place(bn, y, train):
-    """BatchNorm2d.forward's normalisation, overwriting y with xhat (for a caller that owns y, the
-    convolution's fresh output). Returns (xhat, inv_std)."""
+def batchnorm_forward(bn, y, train, residual=None, relu=True):
+    """BatchNorm2d's forward [+ residual] [+ ReLU] on NumPy for y (N, H, W, C), the convolution's
+    fresh output, which is overwritten with xhat, in blocks of images on every thread: in
+    training a pass for the channel sums and one that centres y in place and sums its squares;
+    then one that makes xhat = (y - mean) * inv_std and, while the block's xhat is in the cache,
+    out = gamma * xhat + beta [+ residual] [then ReLU]. The same operations in the same order as
+    BatchNorm2d (then the sum, then the ReLU), so the same numbers. Returns (out, xhat, inv_std)."""
     xp = bn.xp
     m = y.size // bn.c
-    mean = channel_sums(xp, y) / m if train else bn.buffers["running_mean"]
-
-    def center(n0, n1):             # y -= mean, and (training) the per-image sums of its squares
-        yb = channelwise(xp.subtract, y[n0:n1], mean, y[n0:n1])
-        return xp.einsum("nij,nij->nj", *[yb.reshape(n1 - n0, -1, bn.c)] * 2) if train else None
-    squares = over_images(xp, len(y), y[0].size, center)
     if train:
-        var = per_image_sums(xp, squares) / m
+        mean = channel_sums(xp, y) / m
+
+        def center(n0, n1):
+            yc = channelwise(xp.subtract, y[n0:n1], mean, y[n0:n1]).reshape(n1 - n0, -1, bn.c)
+            return xp.einsum("nij,nij->nj", yc, yc)
+        var = per_image_sums(xp, over_images(xp, len(y), y[0].size, center)) / m
         bn.update_running(mean, var, m)
     else:
-        var = bn.buffers["running_var"]
+        mean, var = bn.buffers["running_mean"], bn.buffers["running_var"]
     inv_std = 1.0 / xp.sqrt(var + bn.eps)
-    over_images(xp, len(y), y[0].size, lambda n0, n1: channelwise(xp.multiply, y[n0:n1], inv_std, y[n0:n1]))
-    return y, inv_std
-
-
-def batchnorm_affine(bn, xhat, residual=None, relu=True):
-    """gamma * xhat + beta (+ residual) (then ReLU) for the normalised xhat (N, H, W, C), in
-    blocks of images on every thread (NumPy): the end of BatchNorm's forward pass, fused with
-    what follows it in ResNet-18."""
-    xp = bn.xp
-    out = xp.empty_like(xhat)
+    out = xp.empty_like(y)
 
     def part(n0, n1):
-        o = channelwise(xp.multiply, xhat[n0:n1], bn.params["weight"], out[n0:n1])
+        xhat = y[n0:n1] if train else channelwise(xp.subtract, y[n0:n1], mean, y[n0:n1])
+        channelwise(xp.multiply, xhat, inv_std, xhat)
+        o = channelwise(xp.multiply, xhat, bn.params["weight"], out[n0:n1])
         channelwise(xp.add, o, bn.params["bias"], o)
         if residual is not None:
             o += residual[n0:n1]
         if relu:
             xp.maximum(o, 0, out=o)
-    over_images(xp, len(out), out[0].size, part)
-    return out
+    over_images(xp, len(y), y[0].size, part)
+    return out, y, inv_std
 
 
 def batchnorm_forward_kernels(bn, y, train, residual=None, relu=True):
@@ -1028,12 +1024,15 @@ def batchnorm_forward_kernels(bn, y, train, residual=None, relu=True):
     return out, xhat, inv_std
 
 
-def batchnorm_input_grad(bn, dout, xhat, inv_std, train, in_place=False, mask=None):
+def batchnorm_input_grad(bn, dout, xhat, inv_std, train, in_place=False, mask=None, dz=None):
     """BatchNorm2d.backward for the given cache values; accumulates dgamma, dbeta. ``in_place``:
-    dout becomes dx (for a caller that owns dout). ``mask`` (kernel path only): the output of a
-    ReLU between, whose backward (dout where mask > 0) is fused in."""
+    dout becomes dx (for a caller that owns dout). ``mask``: the output of a ReLU between, whose
+    backward (dz = dout where mask > 0) is fused in; on NumPy ``dz``, where given, receives
+    that dz (for a caller that needs it too). On NumPy, two passes of blocks: dz with the sums
+    for dbeta and dgamma, then dx."""
     xp = bn.xp
     if kernels.enabled(xp):          # four CUDA kernels (kernels.py); dout is left alone
+        assert dz is None, "on the kernel path dz is not made"
         m = dout.size // bn.c
         if mask is None:
             dbeta, dgamma = kernels.channel_sum(xp, dout), kernels.channel_dot(xp, dout, xhat)
@@ -1042,18 +1041,23 @@ def batchnorm_input_grad(bn, dout, xhat, inv_std, train, in_place=False, mask=No
         a, cx, c1 = kernels.bn_backward_constants(xp, bn.params["weight"], inv_std, dgamma, dbeta, m, train,
                                                   (bn.grads["weight"], bn.grads["bias"]))
         return kernels.bn_backward(xp, dout, mask, xhat, a, cx, c1)
-    assert mask is None, "the ReLU mask is fused on the kernel path only"
-    dbeta = channel_sums(xp, dout)
-    dgamma = channel_sums(xp, dout, xhat)
+    dx = dout if in_place else xp.empty_like(dout)
+    dz = dout if mask is None else dx if dz is None else dz
+
+    def sums(n0, n1):               # [dz = dout where mask > 0], and the per-image sums of dz and dz * xhat
+        d = dout[n0:n1] if mask is None else xp.multiply(dout[n0:n1], mask[n0:n1] > 0, out=dz[n0:n1])
+        d3, xhat3 = d.reshape(n1 - n0, -1, bn.c), xhat[n0:n1].reshape(n1 - n0, -1, bn.c)
+        return xp.einsum("nij->nj", d3), xp.einsum("nij,nij->nj", d3, xhat3)
+    parts = over_images(xp, len(dout), dout[0].size, sums)
+    dbeta, dgamma = per_image_sums(xp, [p[0] for p in parts]), per_image_sums(xp, [p[1] for p in parts])
     bn.grads["weight"] += dgamma
     bn.grads["bias"] += dbeta
     a = bn.params["weight"] * inv_std
     m = dout.size // bn.c
     coef_xhat, coef_one = (-a * dgamma / m, -a * dbeta / m) if train else (None, None)
-    dx = dout if in_place else xp.empty_like(dout)
 
-    def part(n0, n1):               # dx = a*dout + coef_xhat*xhat + coef_one (training)
-        d = channelwise(xp.multiply, dout[n0:n1], a, dx[n0:n1])
+    def part(n0, n1):               # dx = a*dz + coef_xhat*xhat + coef_one (training)
+        d = channelwise(xp.multiply, dz[n0:n1], a, dx[n0:n1])
         if train:
             d += channelwise(xp.multiply, xhat[n0:n1], coef_xhat)
             channelwise(xp.add, d, coef_one, d)
@@ -1072,8 +1076,7 @@ class FastBatchNorm2d(BatchNorm2d):
         if kernels.enabled(xp):
             out, xhat, inv_std = batchnorm_forward_kernels(self, x, train, relu=False)
         elif xp is np:
-            xhat, inv_std = normalise_in_place(self, x, train)
-            out = batchnorm_affine(self, xhat, relu=False)
+            out, xhat, inv_std = batchnorm_forward(self, x, train, relu=False)
         else:
             return super().forward(x, train)
         self.cache = BatchNormCache(xhat, inv_std, train)
@@ -1118,8 +1121,7 @@ class FastBasicBlock(BasicBlock):
         """relu(bn(y) [+ residual]), normalising y in place (the convolution's fresh output)."""
         if kernels.enabled(self.xp):
             return batchnorm_forward_kernels(bn, y, train, residual)
-        xhat, inv_std = normalise_in_place(bn, y, train)
-        return batchnorm_affine(bn, xhat, residual), xhat, inv_std
+        return batchnorm_forward(bn, y, train, residual)
 
     def forward(self, x, train=True):
         h, xhat1, inv1 = self._bn_relu(self.bn1, self.conv1.forward(x, train), train)
@@ -1138,11 +1140,10 @@ class FastBasicBlock(BasicBlock):
             d_short = self.shortcut.backward(d, need_dx)
             return xp.add(dx, d_short, out=dx) if need_dx else None
         d = xp.empty_like(dout)           # through the last ReLU; the sum sends d to both branches
-        over_images(xp, len(d), d[0].size, lambda n0, n1: xp.multiply(dout[n0:n1], out[n0:n1] > 0, out=d[n0:n1]))
-        dh = self.conv2.backward(batchnorm_input_grad(self.bn2, d, xhat2, inv2, train))   # d is still needed
+        dh = self.conv2.backward(batchnorm_input_grad(self.bn2, dout, xhat2, inv2, train, mask=out, dz=d))
         # dh is the convolution's fresh output: ours to overwrite
-        over_images(xp, len(dh), dh[0].size, lambda n0, n1: xp.multiply(dh[n0:n1], h[n0:n1] > 0, out=dh[n0:n1]))
-        dx = self.conv1.backward(batchnorm_input_grad(self.bn1, dh, xhat1, inv1, train, in_place=True), need_dx)
+        dx = self.conv1.backward(batchnorm_input_grad(self.bn1, dh, xhat1, inv1, train, in_place=True, mask=h),
+                                 need_dx)
         d_short = self.shortcut.backward(d, need_dx)
         if not need_dx:
             return None
