@@ -357,6 +357,7 @@ class FastConv2d(Workspace, Conv2d):
     # about 500 launches at 60-way, 595 with 256 MB chunks; benchmarks/README.md).
     CHUNK_FLOATS = 1 << 20
     CHUNK_MIN_ROWS = 512
+    EVEN_BELOW = 16               # fewer chunks than this: an even number of them (_chunks)
     GPU_CHUNK_FLOATS = 1 << 27
     NARROW_K = 32                 # k*k*C_in up to this: plain im2col
 
@@ -391,10 +392,14 @@ class FastConv2d(Workspace, Conv2d):
         """Chunks of images whose scratch rows (per_image floats an image: im2col's by default)
         take about CHUNK_FLOATS on a CPU, with GEMMs of at least CHUNK_MIN_ROWS rows (Ho*Wo an image)."""
         per_image = per_image or ho * wo * self.k * self.k * c
-        if self.xp is np:
-            step = max(1, self.CHUNK_FLOATS // per_image, -(-self.CHUNK_MIN_ROWS // (ho * wo)))
-        else:
-            step = max(1, self.GPU_CHUNK_FLOATS // per_image)
+        if self.xp is not np:
+            return spans(n, max(1, self.GPU_CHUNK_FLOATS // per_image))
+        step = max(1, self.CHUNK_FLOATS // per_image, -(-self.CHUNK_MIN_ROWS // (ho * wo)))
+        count = -(-n // step)
+        if 1 < count < self.EVEN_BELOW and count % 2 and n // (count + 1) * ho * wo >= self.CHUNK_MIN_ROWS:
+            # one chunk more, an even number: three chunks on two threads take as long as four
+            # (the ConvNet's last block). The count never depends on the threads, so neither do the numbers.
+            step = -(-n // (count + 1))
         return spans(n, step)
 
     def _cols(self, xpad, n0, n1, ho, wo, stride, step):
@@ -649,7 +654,7 @@ class ConvBlock(Workspace, Sequential):
         # Work with y' = sign(gamma) * conv(x), folded into the weights: BatchNorm's scale on y'
         # is then >= 0 everywhere and max-pooling y' is pooling the normalised output.
         sign = xp.copysign(gamma.dtype.type(1), gamma)     # (for gamma = -0 either sign is right)
-        window_cols = cols = sums = None
+        window_cols = cols = sums = winner = None
         if self._conv_in_chunks(x):
             # the narrow first block on the CPU: y' is made and pooled a chunk at a time below
             window_cols = self._window_cols(x)
@@ -660,16 +665,21 @@ class ConvBlock(Workspace, Sequential):
             y = self.conv.conv(x, out_scale=sign, reuse=True)   # no bias: BatchNorm's mean absorbs it
             m = y.size // bn.c
         else:
-            # Each chunk of y' is pooled, and its per-image channel sums taken, by the thread that
-            # made it while it is in the cache, instead of in two more passes over y'.
+            # Each chunk of y' is pooled (in training with its winners' positions, for the
+            # backward pass) and its per-image channel sums taken by the thread that made it,
+            # while it is in the cache, instead of in more passes over y'.
             n, h, w, _ = x.shape
             conv = self.conv
             ho, wo = output_size(h, conv.k, conv.stride, conv.padding), output_size(w, conv.k, conv.stride, conv.padding)
             pooled = xp.empty((n, ho // 2, wo // 2, bn.c), dtype=x.dtype)
+            winner = xp.empty(pooled.shape, dtype=np.uint8) if train else None
 
             def pool_and_sum(n0, n1, y_chunk):
-                self._pool(y_chunk, pooled[n0:n1])
-                return xp.einsum("nij->nj", y_chunk.reshape(n1 - n0, -1, bn.c)) if train else None
+                if not train:
+                    self._pool(y_chunk, pooled[n0:n1])
+                    return None
+                self._pool(y_chunk, pooled[n0:n1], winner[n0:n1])
+                return xp.einsum("nij->nj", y_chunk.reshape(n1 - n0, -1, bn.c))
             y, sums = conv.conv(x, out_scale=sign, reuse=True, each_chunk=pool_and_sum)
             m = y.size // bn.c
             if isinstance(self.conv.cache, NarrowConvCache):
@@ -700,7 +710,6 @@ class ConvBlock(Workspace, Sequential):
             var = bn.buffers["running_var"]
         # inv_std = 1/sigma, scale = gamma*sign*inv_std = |gamma|/sigma >= 0, shift = beta - mean*scale
         inv_std, scale, shift = kernels.block_constants(xp, gamma, bn.params["bias"], sign, mean, var, bn.eps)
-        winner = None
         if kernels.enabled(xp):                     # pool, first-max index, scale, shift, ReLU: one kernel
             pooled, out, winner = kernels.pool_bn_relu(xp, y, scale, shift)
         elif y is None:
@@ -839,8 +848,9 @@ class ConvBlock(Workspace, Sequential):
         written over y' (the convolution's output, in this layer's scratch: the next forward
         overwrites it anyway), block by block: each block's winners are found before its y'
         is overwritten. ``winner``: the winners' window positions if the forward pass kept them
-        (the chunked first block, whose y' made again here may differ from the pooled values in
-        the last bit: a GEMM's rounding depends on its shape)."""
+        (it does in training; for the chunked first block they are needed, since its y' made
+        again here may differ from the pooled values in the last bit: a GEMM's rounding depends
+        on its shape)."""
         xp = self.xp
 
         def part(n0, n1):
