@@ -83,19 +83,30 @@ class Workspace:
             a = ws[name] = (self.xp.zeros if zero_border else self.xp.empty)(shape, dtype=dtype)
         return a
 
-    _shared = {}   # (array module, dtype, thread) -> one flat scratch array that every layer shares
-
     def shared_workspace(self, shape, dtype):
         """A scratch array of this shape, carved from one buffer shared by all layers (grown when
         too small): for temporaries used and dropped within one task, like an im2col chunk. One
         buffer for the network instead of one per layer matters on a GPU, where a chunk is up to
         512 MB; on a CPU each of our threads has its own (``deal``)."""
-        size = int(np.prod(shape))
-        key = (self.xp.__name__, np.dtype(dtype).str, thread_slot())
-        buf = Workspace._shared.get(key)
-        if buf is None or buf.size < size:
-            buf = Workspace._shared[key] = self.xp.empty(size, dtype=dtype)
-        return buf[:size].reshape(shape)
+        return scratch(self.xp, shape, dtype)
+
+
+_scratch = {}   # (array module, dtype, thread, use) -> one flat scratch array
+
+
+def scratch(xp, shape, dtype, use=""):
+    """A scratch array of this shape for a temporary used and dropped within one task, carved
+    from one buffer per thread (and ``use``: temporaries alive at the same time need different
+    ones), grown when too small: not allocated anew for every block, and still in the cache
+    from the last one."""
+    size = 1
+    for d in shape:
+        size *= d
+    key = (xp.__name__, np.dtype(dtype).str, thread_slot(), use)
+    buf = _scratch.get(key)
+    if buf is None or buf.size < size:
+        buf = _scratch[key] = xp.empty(size, dtype=dtype)
+    return buf[:size].reshape(shape)
 
 
 def usable_cores():
@@ -406,8 +417,8 @@ class FastConv2d(Workspace, Conv2d):
         """im2col rows of padded images n0..n1, in a buffer reused by every chunk of ``step`` images."""
         kkc = self.k * self.k * xpad.shape[3]
         cols = self.shared_workspace((step * ho * wo, kkc), xpad.dtype)[:(n1 - n0) * ho * wo]
-        copy_images(self.xp, cols.reshape(n1 - n0, ho, wo, self.k, self.k, -1),
-                    self._window_view(xpad, n0, n1, ho, wo, stride))
+        # one copy (a chunk is one thread's task already)
+        cols.reshape(n1 - n0, ho, wo, self.k, self.k, -1)[...] = self._window_view(xpad, n0, n1, ho, wo, stride)
         return cols
 
     def _correlate(self, x, wmat, pad, stride, name, reuse=False, each_chunk=None):
@@ -859,9 +870,10 @@ class ConvBlock(Workspace, Sequential):
                     [winner[n0:n1] == q for q in range(4)])
             channelwise(xp.multiply, yb, dy_per_y, yb)
             channelwise(xp.add, yb, dy_const, yb)
-            a_dz = channelwise(xp.multiply, dz[n0:n1], a)
+            a_dz = channelwise(xp.multiply, dz[n0:n1], a, scratch(xp, dz[n0:n1].shape, dz.dtype, "a_dz"))
+            term = scratch(xp, a_dz.shape, a_dz.dtype, "a_dz_hit")
             for hit, dv in zip(hits, self._windows(yb)):
-                dv += a_dz * hit
+                dv += xp.multiply(a_dz, hit, out=term)
         over_images(xp, len(y), y[0].size, part)
         return y
 
@@ -965,7 +977,7 @@ def batch_stats(xp, y, sums=None):
     mean = (channel_sums(xp, y3) if sums is None else per_image_sums(xp, sums)) / m
 
     def squares(n0, n1):
-        yc = channelwise(xp.subtract, y3[n0:n1], mean)
+        yc = channelwise(xp.subtract, y3[n0:n1], mean, scratch(xp, y3[n0:n1].shape, y.dtype, "squares"))
         return xp.einsum("nij,nij->nj", yc, yc)
     return mean, per_image_sums(xp, over_images(xp, len(y3), y3[0].size, squares)) / m
 
@@ -1069,7 +1081,7 @@ def batchnorm_input_grad(bn, dout, xhat, inv_std, train, in_place=False, mask=No
     def part(n0, n1):               # dx = a*dz + coef_xhat*xhat + coef_one (training)
         d = channelwise(xp.multiply, dz[n0:n1], a, dx[n0:n1])
         if train:
-            d += channelwise(xp.multiply, xhat[n0:n1], coef_xhat)
+            d += channelwise(xp.multiply, xhat[n0:n1], coef_xhat, scratch(xp, d.shape, d.dtype, "bn_term"))
             channelwise(xp.add, d, coef_one, d)
     over_images(xp, len(dout), dout[0].size, part)
     return dx
