@@ -237,6 +237,23 @@ def spans(n, step):
     return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
 
 
+EVEN_BELOW = 16     # fewer tasks than this: an even number of them (even_spans)
+
+
+def even_spans(n, step, min_step=1):
+    """About n / step spans covering 0..n, as equal as they can be, and an even number where
+    they are few and long enough (one more, or one fewer where one more would make them shorter
+    than min_step),
+    so that two threads finish together: ResNet-18's last layer had two chunks of 128 and 72
+    images (one thread idle for 44% of it), the ConvNet's last block three chunks (on two
+    threads as long as four). They depend on n and step alone, never on the threads, so
+    neither do the numbers."""
+    count = -(-n // step)
+    if 1 < count < EVEN_BELOW and count % 2 and n >= 2 * (count + 1):
+        count += 1 if n // (count + 1) >= min_step else -1
+    return spans(n, -(-n // count))
+
+
 def over_images(xp, n, per_image, fn):
     """[fn(n0, n1) for consecutive blocks of images n0..n1 covering 0..n], in order (images, or
     any first axis: Adam steps the flat parameter arrays with per_image = 1).
@@ -250,7 +267,7 @@ def over_images(xp, n, per_image, fn):
     if xp is not np:
         return [fn(0, n)]
     step = max(1, BLOCK_FLOATS // max(1, per_image))
-    return deal(xp, spans(n, step), fn)
+    return deal(xp, even_spans(n, step), fn)
 
 
 CHANNEL_ROW = 1024          # floats per row for channelwise arithmetic (below)
@@ -368,7 +385,6 @@ class FastConv2d(Workspace, Conv2d):
     # about 500 launches at 60-way, 595 with 256 MB chunks; benchmarks/README.md).
     CHUNK_FLOATS = 1 << 20
     CHUNK_MIN_ROWS = 512
-    EVEN_BELOW = 16               # fewer chunks than this: an even number of them (_chunks)
     GPU_CHUNK_FLOATS = 1 << 27
     NARROW_K = 32                 # k*k*C_in up to this: plain im2col
 
@@ -401,17 +417,13 @@ class FastConv2d(Workspace, Conv2d):
 
     def _chunks(self, n, ho, wo, c, per_image=None):
         """Chunks of images whose scratch rows (per_image floats an image: im2col's by default)
-        take about CHUNK_FLOATS on a CPU, with GEMMs of at least CHUNK_MIN_ROWS rows (Ho*Wo an image)."""
+        take about CHUNK_FLOATS on a CPU, sized for GEMMs of at least CHUNK_MIN_ROWS rows (Ho*Wo
+        an image), then made equal (even_spans: two chunks may hold fewer rows)."""
         per_image = per_image or ho * wo * self.k * self.k * c
         if self.xp is not np:
             return spans(n, max(1, self.GPU_CHUNK_FLOATS // per_image))
-        step = max(1, self.CHUNK_FLOATS // per_image, -(-self.CHUNK_MIN_ROWS // (ho * wo)))
-        count = -(-n // step)
-        if 1 < count < self.EVEN_BELOW and count % 2 and n // (count + 1) * ho * wo >= self.CHUNK_MIN_ROWS:
-            # one chunk more, an even number: three chunks on two threads take as long as four
-            # (the ConvNet's last block). The count never depends on the threads, so neither do the numbers.
-            step = -(-n // (count + 1))
-        return spans(n, step)
+        min_images = -(-self.CHUNK_MIN_ROWS // (ho * wo))
+        return even_spans(n, max(1, self.CHUNK_FLOATS // per_image, min_images), min_images)
 
     def _cols(self, xpad, n0, n1, ho, wo, stride, step):
         """im2col rows of padded images n0..n1, in a buffer reused by every chunk of ``step`` images."""
@@ -797,7 +809,7 @@ class ConvBlock(Workspace, Sequential):
                 xp.matmul(window_cols[q, c0:c1].reshape(-1, k), wmat, out=y[q])
             self._pool(list(y.reshape(4, c1 - c0, ho, wo, c)), pooled[c0:c1], winner[c0:c1])
             self._scale_shift_relu(pooled[c0:c1], scale, shift, out[c0:c1])
-        deal(xp, spans(n, step), chunk)
+        deal(xp, even_spans(n, step), chunk)
         return pooled, out, winner
 
     def backward(self, dout, need_dx=True):
@@ -927,7 +939,7 @@ class ConvBlock(Workspace, Sequential):
                 i, j = divmod(q, 2)
                 cols_q[q] = cols4[b, i:2 * ho:2, j:2 * wo:2]
             return sums, cols_q.reshape(-1, kk).T @ dz_q.reshape(-1, c_out)
-        results = deal(xp, spans(n, step), chunk)
+        results = deal(xp, even_spans(n, step), chunk)
         dbeta, dgamma = self._bn_grads([r[0] for r in results], mean, sign * inv_std)
         a, dy_per_y, dy_const = kernels.block_backward_constants(
             xp, bn.params["weight"], inv_std, sign, mean, dgamma, dbeta, m, train,

@@ -273,9 +273,19 @@ def test_cpu_chunks_hold_about_chunk_floats_but_not_fewer_rows_than_the_minimum(
     conv = fast.FastConv2d(64, 64, 3, 1, 1, rng=np.random.default_rng(0))
     per_image = 14 * 14 * 9 * 64                                         # the ConvNet's second block
     (n0, n1), *_ = conv._chunks(600, 14, 14, 64)
-    assert (n1 - n0) * per_image <= conv.CHUNK_FLOATS < (n1 - n0 + 1) * per_image
-    (n0, n1), *_ = conv._chunks(200, 4, 4, 512)                          # ResNet-18's 512-channel layers
-    assert (n1 - n0) * 16 >= conv.CHUNK_MIN_ROWS > (n1 - n0 - 1) * 16
+    assert (n1 - n0) * per_image <= conv.CHUNK_FLOATS < (n1 - n0 + 2) * per_image
+    # ResNet-18's 512-channel layers: at least 512 rows (32 images) would make seven chunks, an
+    # odd number, and eight would hold fewer rows than that, so six of 34 images
+    chunks = conv._chunks(200, 4, 4, 512)
+    assert [n1 - n0 for n0, n1 in chunks] == [34] * 5 + [30] and 34 * 16 >= conv.CHUNK_MIN_ROWS
+
+
+def test_even_spans_are_equal_and_even_when_few():
+    assert fast.even_spans(600, 202) == [(0, 150), (150, 300), (300, 450), (450, 600)]      # 3 -> 4
+    assert fast.even_spans(200, 128) == [(0, 100), (100, 200)]                             # 128 + 72 -> equal
+    assert fast.even_spans(200, 32, min_step=32) == fast.spans(200, 34)                     # 7 -> 6, not 8
+    assert fast.even_spans(600, 9) == fast.spans(600, 9)                                   # many: as they are
+    assert fast.even_spans(5, 1) == fast.spans(5, 1) and fast.even_spans(3, 5) == [(0, 3)]
 
 
 def test_one_im2col_scratch_buffer_for_all_layers():
