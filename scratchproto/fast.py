@@ -63,7 +63,7 @@ from .layers import (BasicBlock, BatchNorm2d, BatchNormCache, Conv2d, MaxPool2d,
 
 # What the fast layers keep for their backward passes, by name.
 NarrowConvCache = namedtuple("NarrowConvCache", "cols x_shape")      # the whole (small) im2col matrix
-ChunkedConvCache = namedtuple("ChunkedConvCache", "x xpad")     # the input, and padded: im2col chunks are made anew
+ChunkedConvCache = namedtuple("ChunkedConvCache", "x xpad")     # the input (and padded on a GPU): im2col chunks are made anew
 WinogradConvCache = namedtuple("WinogradConvCache", "xpad U")    # padded input (its tiles made anew), filters transformed
 ConvBlockCache = namedtuple("ConvBlockCache", "y pooled out sign mean inv_std m train gram winner x window_cols")
 FastBasicBlockCache = namedtuple("FastBasicBlockCache", "h xhat1 inv_std1 out xhat2 inv_std2 train")
@@ -425,17 +425,33 @@ class FastConv2d(Workspace, Conv2d):
         min_images = -(-self.CHUNK_MIN_ROWS // (ho * wo))
         return even_spans(n, max(1, self.CHUNK_FLOATS // per_image, min_images), min_images)
 
-    def _cols(self, xpad, n0, n1, ho, wo, stride, step):
-        """im2col rows of padded images n0..n1, in a buffer reused by every chunk of ``step`` images."""
-        kkc = self.k * self.k * xpad.shape[3]
-        cols = self.shared_workspace((step * ho * wo, kkc), xpad.dtype)[:(n1 - n0) * ho * wo]
+    def _cols(self, xpad, ho, wo, stride, step):
+        """im2col rows of the padded images xpad (a chunk of them), in a buffer reused by every
+        chunk of up to ``step`` images."""
+        m, kkc = len(xpad), self.k * self.k * xpad.shape[3]
+        cols = self.shared_workspace((step * ho * wo, kkc), xpad.dtype)[:m * ho * wo]
         # one copy (a chunk is one thread's task already)
-        cols.reshape(n1 - n0, ho, wo, self.k, self.k, -1)[...] = self._window_view(xpad, n0, n1, ho, wo, stride)
+        cols.reshape(m, ho, wo, self.k, self.k, -1)[...] = self._window_view(xpad, 0, m, ho, wo, stride)
         return cols
+
+    def _padded_chunk(self, x, xpad, n0, n1, pad, step):
+        """Images n0..n1 of x (N, H, W, C) inside a zero border of width pad: xpad's, where the
+        whole x was padded (on a GPU), else made now in this thread's scratch (on a CPU, a chunk
+        at a time while it is in the cache, rather than a padded copy of x written out whole
+        and read back)."""
+        if xpad is not None:
+            return xpad[n0:n1]
+        n, h, w, c = x.shape
+        chunk = scratch(self.xp, (step, h + 2 * pad, w + 2 * pad, c), x.dtype, "padded")[:n1 - n0]
+        if pad:                         # (the buffer is shared by layers of other shapes)
+            chunk[:, :pad] = chunk[:, h + pad:] = chunk[:, :, :pad] = chunk[:, :, w + pad:] = 0
+        chunk[:, pad:pad + h, pad:pad + w] = x[n0:n1]
+        return chunk
 
     def _correlate(self, x, wmat, pad, stride, name, reuse=False, each_chunk=None):
         """sum over taps of the padded x (N, H, W, C) times wmat (k*k*C, C_out), chunk by chunk.
-        Returns (y (N, Ho, Wo, C_out), the padded x (a workspace named name), [each_chunk's values]).
+        Returns (y (N, Ho, Wo, C_out), the padded x (a workspace named name) on a GPU or None,
+        [each_chunk's values]).
 
         ``each_chunk(n0, n1, y_chunk, cols)``: called in a chunk's task, right after its product,
         while y's images n0..n1 (n1 - n0, Ho, Wo, C_out) and the chunk's im2col rows cols are
@@ -443,13 +459,14 @@ class FastConv2d(Workspace, Conv2d):
         xp, k = self.xp, self.k
         n, h, w, c = x.shape
         ho, wo = output_size(h, k, stride, pad), output_size(w, k, stride, pad)
-        xpad = self.padded(x, pad, name)
+        xpad = self.padded(x, pad, name) if xp is not np else None     # on a CPU each chunk pads its images
         shape = (n * ho * wo, wmat.shape[1])
         y = self.workspace(name + "_out", shape, x.dtype) if reuse else xp.empty(shape, dtype=x.dtype)
         chunks = self._chunks(n, ho, wo, c)
 
         def chunk(n0, n1):              # one thread's task: an im2col chunk and its products
-            cols = self._cols(xpad, n0, n1, ho, wo, stride, chunks[0][1])
+            step = chunks[0][1]
+            cols = self._cols(self._padded_chunk(x, xpad, n0, n1, pad, step), ho, wo, stride, step)
             y_chunk = xp.matmul(cols, wmat, out=y[n0 * ho * wo:n1 * ho * wo])
             if each_chunk is not None:
                 return each_chunk(n0, n1, y_chunk.reshape(n1 - n0, ho, wo, -1), cols)
@@ -620,15 +637,17 @@ class FastConv2d(Workspace, Conv2d):
         # dx of the chunk's images: gathered from its dcols in one kernel on the kernel path,
         # else scattered into the padded images (col2im)
         gather = need_dx and kernels.enabled(xp)
+        padded_shape = (n, h + 2 * p, w + 2 * p, c)
         dx = (None if not need_dx else xp.empty((n, h, w, c), dtype=dout.dtype) if gather
-              else xp.zeros(xpad.shape, dtype=dout.dtype) if xp is not np
-              else xp.empty(xpad.shape, dtype=dout.dtype))
+              else xp.zeros(padded_shape, dtype=dout.dtype) if xp is not np
+              else xp.empty(padded_shape, dtype=dout.dtype))
         if need_dx and not gather and xp is np:   # zeroed by blocks of images on every thread
             over_images(xp, n, dx[0].size, lambda n0, n1: dx[n0:n1].fill(0))
 
         def chunk(n0, n1):              # one thread's task: dW's part from the chunk's im2col, and its dx
             dy_c = dy[n0 * ho * wo:n1 * ho * wo]
-            dw_part = self._cols(xpad, n0, n1, ho, wo, s, chunks[0][1]).T @ dy_c
+            step = chunks[0][1]
+            dw_part = self._cols(self._padded_chunk(x, xpad, n0, n1, p, step), ho, wo, s, step).T @ dy_c
             if gather:
                 kernels.col2im(xp, dy_c @ wmat.T, (n1 - n0, h, w, c), k, s, p, out=dx[n0:n1])
             elif need_dx:
