@@ -63,8 +63,8 @@ from .layers import (BasicBlock, BatchNorm2d, BatchNormCache, Conv2d, MaxPool2d,
 
 # What the fast layers keep for their backward passes, by name.
 NarrowConvCache = namedtuple("NarrowConvCache", "cols x_shape")      # the whole (small) im2col matrix
-ChunkedConvCache = namedtuple("ChunkedConvCache", "x xpad")     # the input (and padded on a GPU): im2col chunks are made anew
-WinogradConvCache = namedtuple("WinogradConvCache", "xpad U")    # padded input (its tiles made anew), filters transformed
+ChunkedConvCache = namedtuple("ChunkedConvCache", "x xpad")     # input (padded on a GPU): im2col chunks made anew
+WinogradConvCache = namedtuple("WinogradConvCache", "x U")    # the input (its tiles made anew), filters transformed
 ConvBlockCache = namedtuple("ConvBlockCache", "y pooled out sign mean inv_std m train gram winner x window_cols")
 FastBasicBlockCache = namedtuple("FastBasicBlockCache", "h xhat1 inv_std1 out xhat2 inv_std2 train")
 
@@ -555,34 +555,36 @@ class FastConv2d(Workspace, Conv2d):
         xp, k = self.xp, self.c_out
         n, h, w, c = x.shape
         ty, tx = h // 2, w // 2         # tiles of 2x2 outputs (even sizes only)
-        xpad = self.padded(x, 1, "wpad")
         U = winograd.filter_transform(xp, self._wmat().reshape(3, 3, c, k))
         y = xp.empty((n, h, w, k), dtype=x.dtype)
+        chunks = self._winograd_chunks(n, ty, tx, c)
 
         def chunk(n0, n1):              # one thread's task: the chunk's tiles, GEMMs and outputs
             m = n1 - n0
             V, tmp, M, tmp_out = self._scratch(
                 [(16, m, ty, tx, c), (4, m, h + 2, tx, c), (16, m * ty * tx, k), (4, m, h, tx, k)], x.dtype)
-            winograd.input_transform(xp, xpad[n0:n1], ty, tx, V, tmp)
+            winograd.input_transform(xp, self._padded_chunk(x, None, n0, n1, 1, chunks[0][1]), ty, tx, V, tmp)
             xp.matmul(V.reshape(16, -1, c), U, out=M)
             winograd.output_transform(xp, M.reshape(16, m, ty, tx, k), ty, tx, y[n0:n1], tmp_out)
-        deal(xp, self._winograd_chunks(n, ty, tx, c), chunk)
-        self.cache = WinogradConvCache(xpad, U)
+        deal(xp, chunks, chunk)
+        self.cache = WinogradConvCache(x, U)
         return y
 
     def _winograd_backward(self, dout, need_dx):
-        xp, (xpad, U) = self.xp, self.cache
+        xp, (x, U) = self.xp, self.cache
         n, h, w, k = dout.shape
-        c = xpad.shape[3]
+        c = x.shape[3]
         ty, tx = h // 2, w // 2
         dx = xp.empty((n, h, w, c), dtype=dout.dtype) if need_dx else None
+        chunks = self._winograd_chunks(n, ty, tx, c)
 
         def chunk(n0, n1):              # one thread's task: the chunk's part of dU, and its dx
             m = n1 - n0
             V, tmp, dM, tmp_out, dxpad = self._scratch(
                 [(16, m, ty, tx, c), (4, m, h + 2, tx, c), (16, m * ty * tx, k), (4, m, h, tx, k),
                  (m, h + 2, w + 2, c) if need_dx else (0,)], dout.dtype)
-            winograd.input_transform(xp, xpad[n0:n1], ty, tx, V, tmp)     # made anew: 4 times x's size if kept
+            # the tiles made anew (kept, they would take 4 times x's size)
+            winograd.input_transform(xp, self._padded_chunk(x, None, n0, n1, 1, chunks[0][1]), ty, tx, V, tmp)
             winograd.output_grad(xp, dout[n0:n1], ty, tx, dM.reshape(16, m, ty, tx, k), tmp_out)
             dU_part = xp.matmul(V.reshape(16, -1, c).transpose(0, 2, 1), dM)
             if need_dx:                 # dV = dM U^T overwrites V, which dU was the last to need
@@ -590,7 +592,7 @@ class FastConv2d(Workspace, Conv2d):
                 winograd.input_grad(xp, V, ty, tx, dxpad, tmp)
                 dx[n0:n1] = dxpad[:, 1:1 + h, 1:1 + w]
             return dU_part
-        dU = sum_in_order(xp, deal(xp, self._winograd_chunks(n, ty, tx, c), chunk))
+        dU = sum_in_order(xp, deal(xp, chunks, chunk))
         add_by_channel_blocks(xp, self.grads["weight"], winograd.filter_grad(xp, dU).transpose(3, 2, 0, 1))
         return dx
 
@@ -712,7 +714,7 @@ class ConvBlock(Workspace, Sequential):
             # while it is in the cache, instead of in more passes over y'.
             n, h, w, _ = x.shape
             conv = self.conv
-            ho, wo = output_size(h, conv.k, conv.stride, conv.padding), output_size(w, conv.k, conv.stride, conv.padding)
+            ho, wo = (output_size(size, conv.k, conv.stride, conv.padding) for size in (h, w))
             pooled = xp.empty((n, ho // 2, wo // 2, bn.c), dtype=x.dtype)
             winner = xp.empty(pooled.shape, dtype=np.uint8) if train else None
 
