@@ -20,10 +20,13 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
   into a few per-channel sums over the quarter plus dy = B*y + C everywhere and a*dz at the
   winners. It picks the same winner as PyTorch's relu-then-pool (the first maximum in window
   order), except where float32 rounding ties s*y1 + t == s*y2 + t for y1 != y2, and for a channel
-  with gamma exactly 0. For the 1-channel first block (im2col rows 9 wide) the batch statistics
-  and dW follow from the 9 x 9 Gram matrix of the im2col rows, and on the CPU its 120 MB output
-  is never stored: it is made a few images at a time and pooled at once, keeping each window's
-  winning position (one byte) for the backward pass.
+  with gamma exactly 0. BatchNorm's dgamma = sum dz*xhat is taken as s*(sum dz*pooled - mean*sum
+  dz), so that no pass makes xhat: training rounds differently from the plain block, in the last
+  bits. Each chunk of the convolution's output is pooled, keeping each window's winning position
+  (one byte) for the backward pass, by the thread that made it. For the 1-channel first block
+  (im2col rows 9 wide) the batch statistics and dW follow from the 9 x 9 Gram matrix of the im2col
+  rows, and on the CPU its 120 MB output is never stored: it is made a few images at a time and
+  pooled at once, and its backward pass is one pass of chunks.
 
 * FastBasicBlock: ResNet-18's residual block with each BatchNorm fused with the ReLU after it
   (and the residual sum before it): the normalisation overwrites the convolution's output instead
@@ -38,12 +41,14 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
 On a CPU everything uses the threads of the budget (``THREADS``: every core the process may use,
 or fewer where the environment says so; ``cpu_threads``): the passes outside the
 GEMMs (BatchNorm statistics, pooling, scale/shift/ReLU, dy and the pooling winners, the im2col
-copies) in blocks of images of about 1 MB, so that a block's temporaries are read back while they
-are still in the cache (``over_images``), and the convolutions in chunks of images, a chunk's
-im2col copy, its GEMMs (BLAS on one thread, ``blas_one_thread``) and its part of the weight
-gradient being one task. A few reused threads take the blocks or chunks one at a time from a shared queue
-(``deal``; NumPy lets go of the GIL in its loops and BLAS calls), so a core that runs slower
-takes fewer. A block's result does not depend on who computes it and partial sums are added in
+copies) in blocks of images of about 2 MB (``over_images``; a block's temporaries in per-thread
+buffers still in the cache from the last block, ``scratch``), and the convolutions in chunks of
+images, a chunk's padding and im2col copy, its GEMMs (BLAS on one thread, ``blas_one_thread``)
+and its part of the weight gradient being one task; blocks and chunks as equal as they can be,
+and an even number where they are few (``even_spans``). A few reused threads take the blocks or
+chunks one at a time from a shared queue (``deal``; NumPy lets go of the GIL in its loops and
+BLAS calls, but not around a product with fewer than about 500 outputs:
+``column_sums_and_gram``), so a core that runs slower takes fewer. A block's result does not depend on who computes it and partial sums are added in
 chunk order, so the numbers are the same with any number of threads.
 
 tests/test_fast.py checks them against the plain layers, in float64, to rounding.
@@ -586,14 +591,14 @@ class FastConv2d(Workspace, Conv2d):
             # the tiles made anew (kept, they would take 4 times x's size)
             winograd.input_transform(xp, self._padded_chunk(x, None, n0, n1, 1, chunks[0][1]), ty, tx, V, tmp)
             winograd.output_grad(xp, dout[n0:n1], ty, tx, dM.reshape(16, m, ty, tx, k), tmp_out)
-            dU_part = xp.matmul(V.reshape(16, -1, c).transpose(0, 2, 1), dM)
+            dU_part = xp.matmul(dM.transpose(0, 2, 1), V.reshape(16, -1, c))      # dU transposed: (16, k, c)
             if need_dx:                 # dV = dM U^T overwrites V, which dU was the last to need
                 xp.matmul(dM, U.transpose(0, 2, 1), out=V.reshape(16, -1, c))
                 winograd.input_grad(xp, V, ty, tx, dxpad, tmp)
                 dx[n0:n1] = dxpad[:, 1:1 + h, 1:1 + w]
             return dU_part
         dU = sum_in_order(xp, deal(xp, chunks, chunk))
-        add_by_channel_blocks(xp, self.grads["weight"], winograd.filter_grad(xp, dU).transpose(3, 2, 0, 1))
+        add_by_channel_blocks(xp, self.grads["weight"], winograd.filter_grad(xp, dU))
         return dx
 
     def conv_backward(self, dout, need_dx=True):
@@ -815,7 +820,7 @@ class ConvBlock(Workspace, Sequential):
 
     def _conv_and_pool_in_chunks(self, window_cols, wmat, scale, shift):
         """y' = cols @ wmat for the window-major rows (4, N, Ho, Wo, K) of _window_cols, a chunk
-        of images at a time (about 4 MB of y', pooled by the thread that made it while it is still
+        of images at a time (about 8 MB of y', pooled by the thread that made it while it is still
         in the cache) so that y' never exists whole; each chunk is pooled as _pool does, on the four
         window positions' contiguous outputs. Returns (pooled, out, winner), (N, Ho, Wo, C)."""
         xp, (_, n, ho, wo, k), c = self.xp, window_cols.shape, wmat.shape[1]

@@ -122,8 +122,9 @@ def filter_transform(xp, w):
     return (xp.asarray(GG, dtype=w.dtype) @ w.reshape(9, c * k)).reshape(16, c, k)
 
 
-def filter_grad(xp, dU):
-    """dg = G^T dU G for dU (16, C_in, C_out) -> (3, 3, C_in, C_out): the adjoint of
-    filter_transform."""
-    _, c, k = dU.shape
-    return (xp.asarray(GG.T, dtype=dU.dtype) @ dU.reshape(16, c * k)).reshape(3, 3, c, k)
+def filter_grad(xp, dU_t):
+    """dg = G^T dU G for dU given transposed, dU_t (16, C_out, C_in), the adjoint of
+    filter_transform, straight into the weights' layout (C_out, C_in, 3, 3): (C_out*C_in, 16)
+    times kron(G, G), whose column 3a + b holds G[i, a] G[j, b] at row 4i + j."""
+    _, k, c = dU_t.shape
+    return (dU_t.reshape(16, k * c).T @ xp.asarray(GG, dtype=dU_t.dtype)).reshape(k, c, 3, 3)
