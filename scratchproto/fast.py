@@ -48,8 +48,9 @@ and its part of the weight gradient being one task; blocks and chunks as equal a
 and an even number where they are few (``even_spans``). A few reused threads take the blocks or
 chunks one at a time from a shared queue (``deal``; NumPy lets go of the GIL in its loops and
 BLAS calls, but not around a product with fewer than about 500 outputs:
-``column_sums_and_gram``), so a core that runs slower takes fewer. A block's result does not depend on who computes it and partial sums are added in
-chunk order, so the numbers are the same with any number of threads.
+``column_sums_and_gram``), so a core that runs slower takes fewer. A block's result does not
+depend on who computes it and partial sums are added in chunk order, so the numbers are the same
+with any number of threads.
 
 tests/test_fast.py checks them against the plain layers, in float64, to rounding.
 """
@@ -497,8 +498,9 @@ class FastConv2d(Workspace, Conv2d):
         then, like ConvBlock). ``each_chunk(n0, n1, y_chunk)``: called on consecutive ranges of
         images covering 0..N, y's images n0..n1 as soon as they are made (on a CPU by the thread
         that made them, while they are in its cache); conv then returns (y, [its values in order])."""
-        if out_scale is None and each_chunk is None and self._winograd_applies(x.shape):
-            return self._winograd_forward(x)
+        if out_scale is None and self._winograd_applies(x.shape):
+            y, parts = self._winograd_forward(x, each_chunk)
+            return y if each_chunk is None else (y, parts)
         wmat = self._wmat() if out_scale is None else self._wmat() * out_scale
         if self.k * self.k * x.shape[3] <= self.NARROW_K:
             cols, (n, ho, wo) = self.narrow_cols(x)
@@ -556,7 +558,8 @@ class FastConv2d(Workspace, Conv2d):
         """_chunks for the transformed tiles: 16 values per tile and channel, Ty*Tx GEMM rows an image."""
         return self._chunks(n, ty, tx, c, per_image=16 * ty * tx * max(c, self.c_out))
 
-    def _winograd_forward(self, x):
+    def _winograd_forward(self, x, each_chunk=None):
+        """y = conv(x) by Winograd's F(2x2, 3x3), chunk by chunk; returns (y, [each_chunk's values])."""
         xp, k = self.xp, self.c_out
         n, h, w, c = x.shape
         ty, tx = h // 2, w // 2         # tiles of 2x2 outputs (even sizes only)
@@ -571,9 +574,11 @@ class FastConv2d(Workspace, Conv2d):
             winograd.input_transform(xp, self._padded_chunk(x, None, n0, n1, 1, chunks[0][1]), ty, tx, V, tmp)
             xp.matmul(V.reshape(16, -1, c), U, out=M)
             winograd.output_transform(xp, M.reshape(16, m, ty, tx, k), ty, tx, y[n0:n1], tmp_out)
-        deal(xp, chunks, chunk)
+            if each_chunk is not None:
+                return each_chunk(n0, n1, y[n0:n1])
+        parts = deal(xp, chunks, chunk)
         self.cache = WinogradConvCache(x, U)
-        return y
+        return y, parts
 
     def _winograd_backward(self, dout, need_dx):
         xp, (x, U) = self.xp, self.cache
@@ -1030,17 +1035,19 @@ def channel_sums(xp, a, b=None):
     return per_image_sums(xp, over_images(xp, len(a3), a3[0].size, part))
 
 
-def batchnorm_forward(bn, y, train, residual=None, relu=True):
+def batchnorm_forward(bn, y, train, residual=None, relu=True, sums=None):
     """BatchNorm2d's forward [+ residual] [+ ReLU] on NumPy for y (N, H, W, C), the convolution's
     fresh output, which is overwritten with xhat, in blocks of images on every thread: in
     training a pass for the channel sums and one that centres y in place and sums its squares;
     then one that makes xhat = (y - mean) * inv_std and, while the block's xhat is in the cache,
     out = gamma * xhat + beta [+ residual] [then ReLU]. The same operations in the same order as
-    BatchNorm2d (then the sum, then the ReLU), so the same numbers. Returns (out, xhat, inv_std)."""
+    BatchNorm2d (then the sum, then the ReLU), so the same numbers. ``sums``: y's per-image
+    channel sums (n_i, C) of consecutive blocks of images, where they were taken already (in the
+    convolution's chunks). Returns (out, xhat, inv_std)."""
     xp = bn.xp
     m = y.size // bn.c
     if train:
-        mean = channel_sums(xp, y) / m
+        mean = (channel_sums(xp, y) if sums is None else per_image_sums(xp, sums)) / m
 
         def center(n0, n1):
             yc = channelwise(xp.subtract, y[n0:n1], mean, y[n0:n1]).reshape(n1 - n0, -1, bn.c)
@@ -1177,16 +1184,20 @@ class FastBasicBlock(BasicBlock):
         super().__init__(c_in, c_out, stride, rng, xp=xp, dtype=dtype, conv=partial(FastConv2d, winograd=True),
                          norm=FastBatchNorm2d)
 
-    def _bn_relu(self, bn, y, train, residual=None):
-        """relu(bn(y) [+ residual]), normalising y in place (the convolution's fresh output)."""
+    def _conv_bn_relu(self, conv, bn, x, train, residual=None):
+        """relu(bn(conv(x)) [+ residual]), normalising the convolution's fresh output in place; on
+        NumPy with BatchNorm's per-image channel sums taken in the convolution's chunks."""
         if kernels.enabled(self.xp):
-            return batchnorm_forward_kernels(bn, y, train, residual)
-        return batchnorm_forward(bn, y, train, residual)
+            return batchnorm_forward_kernels(bn, conv.forward(x, train), train, residual)
+        if not train:
+            return batchnorm_forward(bn, conv.forward(x, train), train, residual)
+        y, sums = conv.conv(x, each_chunk=lambda n0, n1, y_chunk: self.xp.einsum(
+            "nij->nj", y_chunk.reshape(n1 - n0, -1, y_chunk.shape[-1])))    # (no bias: BatchNorm follows)
+        return batchnorm_forward(bn, y, train, residual, sums=sums)
 
     def forward(self, x, train=True):
-        h, xhat1, inv1 = self._bn_relu(self.bn1, self.conv1.forward(x, train), train)
-        out, xhat2, inv2 = self._bn_relu(self.bn2, self.conv2.forward(h, train), train,
-                                         residual=self.shortcut.forward(x, train))
+        h, xhat1, inv1 = self._conv_bn_relu(self.conv1, self.bn1, x, train)
+        out, xhat2, inv2 = self._conv_bn_relu(self.conv2, self.bn2, h, train, residual=self.shortcut.forward(x, train))
         self.cache = FastBasicBlockCache(h, xhat1, inv1, out, xhat2, inv2, train)
         return out
 
