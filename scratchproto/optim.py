@@ -41,16 +41,14 @@ class Adam:
         step_size = self.lr / (1 - b1 ** self.t)
         sqrt_bc2 = np.sqrt(1 - b2 ** self.t)
         if self.flat:
-            # blocks of parameters on every thread, each block's four arrays and the update's
-            # temporaries (about 8 floats a parameter) within the cache (ResNet-18's 11 M
-            # parameters: 45 MB per array; its step took 50 ms in blocks of 2 MB per array, 26 ms
-            # in blocks of 256 kB, benchmarks/README.md)
+            # a block of each flat array at a time, on every thread: the update's temporaries
+            # stay in the cache (ResNet-18's 11 M parameters: 45 MB per array)
             p, g, m, v = self.net.flat_params, self.net.flat_grads, self.m_flat, self.v_flat
             xp = self.net.xp
             if kernels.enabled(xp):        # on a GPU: the whole step in one kernel
                 kernels.adam(xp, p, g, m, v, self.betas, self.eps, self.weight_decay, step_size, sqrt_bc2)
             else:
-                over_images(xp, p.size, 8, lambda i0, i1: self._update(
+                over_images(xp, p.size, 1, lambda i0, i1: self._update(
                     p[i0:i1], g[i0:i1], m[i0:i1], v[i0:i1], step_size, sqrt_bc2))
         else:
             for name, p, g in self.net.named_parameters():

@@ -208,6 +208,19 @@ def test_compare_without_pytorch_says_how_to_make_it(tmp_path):
         assert p.stderr.strip().endswith("../torchref/bin/pip install torch==2.13.0 numpy")
 
 
+def test_ab_refuses_a_folder_without_scratchproto_and_times_two_checkouts(tmp_path):
+    ab = [sys.executable, str(REPO / "benchmarks" / "ab.py")]
+    p = subprocess.run(ab + [str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 1
+    assert p.stderr.strip() == f"error: {tmp_path} holds no scratchproto/ (give a checkout's root, e.g. a git worktree)"
+    p = subprocess.run(ab + [str(REPO), "--way", "2", "--rounds", "2", "--episodes", "1"],   # this checkout twice
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    old, new, ratio = p.stdout.strip().splitlines()
+    assert old.startswith(f"old ({REPO}): median ") and new.startswith("new (") and len(old.split("rounds ")[1].split()) == 2
+    assert ratio.startswith("new/old: median of the per-round ratios ") and len(ratio.split("(rounds ")[1].split()) == 2
+
+
 def test_plot_seeds_draws_bands_and_tabulates_mean_and_sd(tmp_path):
     """Two synthetic runs of one model: the table's mean and standard deviation over seeds are
     the plain ones of the two accuracies, and the band figure is written where it says."""
