@@ -249,10 +249,9 @@ EVEN_BELOW = 16     # fewer tasks than this: an even number of them (even_spans)
 def even_spans(n, step, min_step=1):
     """About n / step spans covering 0..n, as equal as they can be, and an even number where
     they are few and long enough (one more, or one fewer where one more would make them shorter
-    than min_step),
-    so that two threads finish together: ResNet-18's last layer had two chunks of 128 and 72
-    images (one thread idle for 44% of it), the ConvNet's last block three chunks (on two
-    threads as long as four). They depend on n and step alone, never on the threads, so
+    than min_step), so that two threads finish together: ResNet-18's last layer had two chunks
+    of 128 and 72 images (one thread idle for 44% of it), the ConvNet's last block three chunks
+    (on two threads as long as four). They depend on n and step alone, never on the threads, so
     neither do the numbers."""
     count = -(-n // step)
     if 1 < count < EVEN_BELOW and count % 2 and n >= 2 * (count + 1):
@@ -733,7 +732,7 @@ class ConvBlock(Workspace, Sequential):
                     self._pool(y_chunk, pooled[n0:n1])
                     return None
                 self._pool(y_chunk, pooled[n0:n1], winner[n0:n1])
-                return xp.einsum("nij->nj", y_chunk.reshape(n1 - n0, -1, bn.c))
+                return image_sums(xp, y_chunk)
             y, sums = conv.conv(x, out_scale=sign, reuse=True, each_chunk=pool_and_sum)
             m = y.size // bn.c
             if isinstance(self.conv.cache, NarrowConvCache):
@@ -885,7 +884,7 @@ class ConvBlock(Workspace, Sequential):
         xp = self.xp
         xp.multiply(dout, out > 0, out=dz)
         d3 = dz.reshape(len(dz), -1, dz.shape[-1])
-        return xp.einsum("nij->nj", d3), xp.einsum("nij,nij->nj", d3, pooled.reshape(d3.shape))
+        return image_sums(xp, dz), xp.einsum("nij,nij->nj", d3, pooled.reshape(d3.shape))
 
     def _bn_grads(self, parts, mean, s):
         """BatchNorm's dbeta = sum dz and dgamma = sum dz * xhat, xhat = (pooled - mean) * s, from
@@ -1025,14 +1024,16 @@ def batch_stats(xp, y, sums=None):
     return mean, per_image_sums(xp, over_images(xp, len(y3), y3[0].size, squares)) / m
 
 
-def channel_sums(xp, a, b=None):
-    """BatchNorm2d.channel_sum (sum over N, H, W per channel of a, or of a * b; a, b (N, ..., C)),
-    block by block on all threads."""
-    a3 = a.reshape(a.shape[0], -1, a.shape[-1])
-    b3 = None if b is None else b.reshape(a3.shape)
-    part = ((lambda n0, n1: xp.einsum("nij->nj", a3[n0:n1])) if b is None else
-            (lambda n0, n1: xp.einsum("nij,nij->nj", a3[n0:n1], b3[n0:n1])))
-    return per_image_sums(xp, over_images(xp, len(a3), a3[0].size, part))
+def image_sums(xp, a):
+    """The sums per image and channel of a block of images a (n, ..., C): (n, C), the parts that
+    per_image_sums adds up. (One function, so that every path sums an image in the same order.)"""
+    return xp.einsum("nij->nj", a.reshape(len(a), -1, a.shape[-1]))
+
+
+def channel_sums(xp, a):
+    """BatchNorm2d.channel_sum (sum over N, H, W per channel of a (N, ..., C)), block by block
+    on all threads."""
+    return per_image_sums(xp, over_images(xp, len(a), a[0].size, lambda n0, n1: image_sums(xp, a[n0:n1])))
 
 
 def batchnorm_forward(bn, y, train, residual=None, relu=True, sums=None):
@@ -1114,7 +1115,7 @@ def batchnorm_input_grad(bn, dout, xhat, inv_std, train, in_place=False, mask=No
     def sums(n0, n1):               # [dz = dout where mask > 0], and the per-image sums of dz and dz * xhat
         d = dout[n0:n1] if mask is None else xp.multiply(dout[n0:n1], mask[n0:n1] > 0, out=dz[n0:n1])
         d3, xhat3 = d.reshape(n1 - n0, -1, bn.c), xhat[n0:n1].reshape(n1 - n0, -1, bn.c)
-        return xp.einsum("nij->nj", d3), xp.einsum("nij,nij->nj", d3, xhat3)
+        return image_sums(xp, d), xp.einsum("nij,nij->nj", d3, xhat3)
     parts = over_images(xp, len(dout), dout[0].size, sums)
     dbeta, dgamma = per_image_sums(xp, [p[0] for p in parts]), per_image_sums(xp, [p[1] for p in parts])
     bn.grads["weight"] += dgamma
@@ -1191,8 +1192,7 @@ class FastBasicBlock(BasicBlock):
             return batchnorm_forward_kernels(bn, conv.forward(x, train), train, residual)
         if not train:
             return batchnorm_forward(bn, conv.forward(x, train), train, residual)
-        y, sums = conv.conv(x, each_chunk=lambda n0, n1, y_chunk: self.xp.einsum(
-            "nij->nj", y_chunk.reshape(n1 - n0, -1, y_chunk.shape[-1])))    # (no bias: BatchNorm follows)
+        y, sums = conv.conv(x, each_chunk=lambda n0, n1, y_chunk: image_sums(self.xp, y_chunk))   # (no bias)
         return batchnorm_forward(bn, y, train, residual, sums=sums)
 
     def forward(self, x, train=True):
