@@ -1009,17 +1009,19 @@ def column_sums_and_gram(xp, cols):
     return total[0], total[1:]
 
 
-def batch_stats(xp, y, sums=None):
+def batch_stats(xp, y, sums=None, in_place=False):
     """Mean and biased variance per channel of y (N, H, W, C): BatchNorm's batch statistics,
     summed image by image like BatchNorm2d.channel_sum, with y - mean made a block at a time
-    rather than as a full-size temporary. ``sums``: y's per-image channel sums (n_i, C) of
-    consecutive blocks of images, where they were taken already."""
+    rather than as a full-size temporary (or over y, ``in_place``, for a caller that wants it
+    centred). ``sums``: y's per-image channel sums (n_i, C) of consecutive blocks of images,
+    where they were taken already."""
     y3 = y.reshape(y.shape[0], -1, y.shape[-1])
     m = y3.shape[0] * y3.shape[1]
     mean = (channel_sums(xp, y3) if sums is None else per_image_sums(xp, sums)) / m
 
     def squares(n0, n1):
-        yc = channelwise(xp.subtract, y3[n0:n1], mean, scratch(xp, y3[n0:n1].shape, y.dtype, "squares"))
+        yc = channelwise(xp.subtract, y3[n0:n1], mean,
+                         y3[n0:n1] if in_place else scratch(xp, y3[n0:n1].shape, y.dtype, "squares"))
         return xp.einsum("nij,nij->nj", yc, yc)
     return mean, per_image_sums(xp, over_images(xp, len(y3), y3[0].size, squares)) / m
 
@@ -1039,22 +1041,17 @@ def channel_sums(xp, a):
 def batchnorm_forward(bn, y, train, residual=None, relu=True, sums=None):
     """BatchNorm2d's forward [+ residual] [+ ReLU] on NumPy for y (N, H, W, C), the convolution's
     fresh output, which is overwritten with xhat, in blocks of images on every thread: in
-    training a pass for the channel sums and one that centres y in place and sums its squares;
+    training a pass for the channel sums and one that centres y in place and sums its squares
+    (batch_stats);
     then one that makes xhat = (y - mean) * inv_std and, while the block's xhat is in the cache,
     out = gamma * xhat + beta [+ residual] [then ReLU]. The same operations in the same order as
     BatchNorm2d (then the sum, then the ReLU), so the same numbers. ``sums``: y's per-image
     channel sums (n_i, C) of consecutive blocks of images, where they were taken already (in the
     convolution's chunks). Returns (out, xhat, inv_std)."""
     xp = bn.xp
-    m = y.size // bn.c
     if train:
-        mean = (channel_sums(xp, y) if sums is None else per_image_sums(xp, sums)) / m
-
-        def center(n0, n1):
-            yc = channelwise(xp.subtract, y[n0:n1], mean, y[n0:n1]).reshape(n1 - n0, -1, bn.c)
-            return xp.einsum("nij,nij->nj", yc, yc)
-        var = per_image_sums(xp, over_images(xp, len(y), y[0].size, center)) / m
-        bn.update_running(mean, var, m)
+        mean, var = batch_stats(xp, y, sums, in_place=True)
+        bn.update_running(mean, var, y.size // bn.c)
     else:
         mean, var = bn.buffers["running_mean"], bn.buffers["running_var"]
     inv_std = 1.0 / xp.sqrt(var + bn.eps)
