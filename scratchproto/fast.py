@@ -1042,9 +1042,8 @@ def batchnorm_forward(bn, y, train, residual=None, relu=True, sums=None):
     """BatchNorm2d's forward [+ residual] [+ ReLU] on NumPy for y (N, H, W, C), the convolution's
     fresh output, which is overwritten with xhat, in blocks of images on every thread: in
     training a pass for the channel sums and one that centres y in place and sums its squares
-    (batch_stats);
-    then one that makes xhat = (y - mean) * inv_std and, while the block's xhat is in the cache,
-    out = gamma * xhat + beta [+ residual] [then ReLU]. The same operations in the same order as
+    (batch_stats); then one that makes xhat = (y - mean) * inv_std and, while the block's xhat is
+    in the cache, out = gamma * xhat + beta [+ residual] [then ReLU]. The same operations in the same order as
     BatchNorm2d (then the sum, then the ReLU), so the same numbers. ``sums``: y's per-image
     channel sums (n_i, C) of consecutive blocks of images, where they were taken already (in the
     convolution's chunks). Returns (out, xhat, inv_std)."""
