@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # run from a checkout
-from scratchproto import backend  # noqa: E402
+from scratchproto import backend, fast  # noqa: E402
 from scratchproto.fast import FastConv2d  # noqa: E402
 import numpy as np  # noqa: E402  (after scratchproto, which sets OpenBLAS's thread timeout first)
 
@@ -44,18 +44,19 @@ def main():
     xp = backend.get_xp(a.device)
     rng = np.random.default_rng(0)
     print("log2(floats)  " + "  ".join(f"n{n} {h}x{h}x{c}: fwd/bwd ms" for n, h, c in SHAPES))
-    for _ in range(a.repeat):
-        for lg in a.log2_chunks:
-            cells = []
-            for n, h, c in SHAPES:
-                conv = FastConv2d(c, c, 3, 1, 1, bias=False, rng=rng, xp=xp)
-                conv.CHUNK_FLOATS = conv.GPU_CHUNK_FLOATS = 1 << lg
-                x = xp.asarray(rng.standard_normal((n, h, h, c)).astype(np.float32))
-                dy = xp.ones_like(conv.conv(x))
-                fwd = median_ms(lambda: conv.conv(x), xp)
-                bwd = median_ms(lambda: conv.conv_backward(dy), xp)
-                cells.append(f"{fwd:.1f}/{bwd:.1f}")
-            print(f"{lg:12d}  " + "  ".join(f"{cell:>26s}" for cell in cells), flush=True)
+    with fast.blas_one_thread(xp):      # as in training: BLAS on one thread inside our chunks
+        for _ in range(a.repeat):
+            for lg in a.log2_chunks:
+                cells = []
+                for n, h, c in SHAPES:
+                    conv = FastConv2d(c, c, 3, 1, 1, bias=False, rng=rng, xp=xp)
+                    conv.CHUNK_FLOATS = conv.GPU_CHUNK_FLOATS = 1 << lg
+                    x = xp.asarray(rng.standard_normal((n, h, h, c)).astype(np.float32))
+                    dy = xp.ones_like(conv.conv(x))
+                    fwd = median_ms(lambda: conv.conv(x), xp)
+                    bwd = median_ms(lambda: conv.conv_backward(dy), xp)
+                    cells.append(f"{fwd:.1f}/{bwd:.1f}")
+                print(f"{lg:12d}  " + "  ".join(f"{cell:>26s}" for cell in cells), flush=True)
 
 
 if __name__ == "__main__":

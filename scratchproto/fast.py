@@ -9,7 +9,9 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
   The input gradient of a stride-1 convolution is the correlation of dy with the flipped kernel,
   computed by the same machinery instead of scattering dcols back (col2im), and the weight
   gradient is read off the same im2col chunks (of the padded dy) times x, so the backward pass
-  builds one im2col matrix, not two.
+  builds one im2col matrix, not two. A strided convolution's input gradient is one GEMM per
+  residue class of input positions modulo the stride, each reached by its own taps alone
+  ("sub-pixel"), rather than col2im's scatter.
 
 * ConvBlock: a ConvNet block, conv -> BatchNorm -> ReLU -> 2x2 max-pool, fused. Max-pooling
   commutes with the ReLU and with BatchNorm's per-channel affine map y -> s*y + t where s >= 0;
@@ -423,12 +425,17 @@ class FastConv2d(Workspace, Conv2d):
     def _chunks(self, n, ho, wo, c, per_image=None):
         """Chunks of images whose scratch rows (per_image floats an image: im2col's by default)
         take about CHUNK_FLOATS on a CPU, sized for GEMMs of at least CHUNK_MIN_ROWS rows (Ho*Wo
-        an image), then made equal (even_spans: two chunks may hold fewer rows)."""
+        an image), then made equal (even_spans: two chunks may hold fewer rows). Two at least
+        where both hold that many rows: ResNet-18's last shortcut (1x1, 4x4 outputs) fitted its
+        200 images in one chunk, on one core."""
         per_image = per_image or ho * wo * self.k * self.k * c
         if self.xp is not np:
             return spans(n, max(1, self.GPU_CHUNK_FLOATS // per_image))
         min_images = -(-self.CHUNK_MIN_ROWS // (ho * wo))
-        return even_spans(n, max(1, self.CHUNK_FLOATS // per_image, min_images), min_images)
+        step = max(1, self.CHUNK_FLOATS // per_image, min_images)
+        if step >= n >= 2 * min_images:
+            step = -(-n // 2)
+        return even_spans(n, step, min_images)
 
     def _cols(self, xpad, ho, wo, stride, step):
         """im2col rows of the padded images xpad (a chunk of them), in a buffer reused by every
@@ -607,9 +614,59 @@ class FastConv2d(Workspace, Conv2d):
 
     def conv_backward(self, dout, need_dx=True):
         """dL/dy (N, Ho, Wo, C_out) -> dL/dx; adds dL/dW into grads['weight']."""
-        xp, k, s, p = self.xp, self.k, self.stride, self.padding
         if isinstance(self.cache, WinogradConvCache):
             return self._winograd_backward(dout, need_dx)
+        if isinstance(self.cache, ChunkedConvCache) and need_dx and self.stride == 1 and self.padding <= self.k - 1:
+            return self._correlated_backward(dout)
+        if (isinstance(self.cache, ChunkedConvCache) and need_dx and self.k >= self.stride and self.xp is np
+                and not kernels.enabled(self.xp)):
+            return self._residue_backward(dout)
+        return self._scattered_backward(dout, need_dx)
+
+    def _correlated_backward(self, dout):
+        """conv_backward of a stride-1 convolution, dx included.
+
+        dx is the correlation of dy, padded by k-1-p, with the kernel flipped and its in/out
+        swapped: the forward machinery again, instead of scattering dcols (col2im). dW comes
+        from the same im2col chunks of the padded dy, whose tap (i, j) at input position q is
+        dy at q - (k-1-i, k-1-j) + p: dW[kh, kw] = sum over q of x[q] dy[q - (kh, kw) + p], so
+        dW is x^T cols at tap (k-1-kh, k-1-kw). One im2col per chunk serves both products."""
+        xp, k, p = self.xp, self.k, self.padding
+        n, h, w, c = self.cache.x.shape
+        w_flip = self.params["weight"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1)     # (kh, kw, out, in)
+        w_flip = copy_by_blocks(xp, xp.empty(w_flip.shape, dtype=w_flip.dtype), w_flip, 2)   # by output channels
+        x_rows = xp.ascontiguousarray(self.cache.x).reshape(-1, c)
+        dx, _, parts = self._correlate(dout, w_flip.reshape(-1, c), k - 1 - p, 1, "dypad",
+                                       each_chunk=lambda n0, n1, dx_chunk, cols: x_rows[n0 * h * w:n1 * h * w].T @ cols)
+        dw = sum_in_order(xp, parts).reshape(c, k, k, self.c_out)[:, ::-1, ::-1]     # (in, kh, kw, out)
+        add_by_channel_blocks(xp, self.grads["weight"], dw.transpose(3, 0, 1, 2))
+        return dx
+
+    def _residue_backward(self, dout):
+        """conv_backward of a strided convolution on a CPU, dx included: dW from the chunk's
+        im2col of x, dx residue by residue (below)."""
+        xp, k, s, p = self.xp, self.k, self.stride, self.padding
+        x, xpad = self.cache
+        (n, h, w, c), (ho, wo) = x.shape, dout.shape[1:3]
+        plan = self._residue_plan(h, w, ho, wo)
+        chunks = self._chunks(n, ho, wo, c)
+        dx = np.empty((n, h, w, c), dtype=dout.dtype)
+
+        def chunk(n0, n1):              # one thread's task: dW's part from the chunk's im2col, and its dx
+            step = chunks[0][1]
+            dy = dout[n0:n1]
+            cols = self._cols(self._padded_chunk(x, xpad, n0, n1, p, step), ho, wo, s, step)
+            self._residue_input_grad(dy, plan, dx[n0:n1])
+            return cols.T @ dy.reshape(-1, self.c_out)
+        dw = sum_in_order(xp, deal(xp, chunks, chunk))
+        add_by_channel_blocks(xp, self.grads["weight"], dw.reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1))
+        return dx
+
+    def _scattered_backward(self, dout, need_dx):
+        """conv_backward by col2im, dx scattered from dcols = dy W^T: the narrow first layer, a
+        strided convolution on a GPU or with a kernel smaller than its stride (a 1x1 shortcut),
+        or no dx wanted."""
+        xp, k, s, p = self.xp, self.k, self.stride, self.padding
         if isinstance(self.cache, NarrowConvCache):      # the whole im2col matrix was kept
             cols, x_shape = self.cache
             dy = dout.reshape(-1, self.c_out)
@@ -626,22 +683,6 @@ class FastConv2d(Workspace, Conv2d):
             return col2im(dcols, x_shape, k, s, p, xp)
         x, xpad = self.cache
         (n, h, w, c), (ho, wo) = x.shape, dout.shape[1:3]
-        if need_dx and s == 1 and p <= k - 1:
-            # dx is the correlation of dy, padded by k-1-p, with the kernel flipped and its
-            # in/out swapped: the forward machinery again, instead of scattering dcols (col2im).
-            # dW comes from the same im2col chunks of the padded dy, whose tap (i, j) at input
-            # position q is dy at q - (k-1-i, k-1-j) + p: dW[kh, kw] = sum over q of x[q] dy[q - (kh, kw) + p],
-            # so dW is x^T cols at tap (k-1-kh, k-1-kw). One im2col per chunk serves both products.
-            w_flip = self.params["weight"][:, :, ::-1, ::-1].transpose(2, 3, 0, 1)     # (kh, kw, out, in)
-            if xp is np:                # by blocks of output channels; on a GPU reshape's one copy
-                w_flip = copy_by_blocks(xp, np.empty(w_flip.shape, dtype=w_flip.dtype), w_flip, 2)
-            x_rows = xp.ascontiguousarray(x).reshape(-1, c)
-            dx, _, parts = self._correlate(xp.ascontiguousarray(dout), w_flip.reshape(-1, c), k - 1 - p, 1, "dypad",
-                                           each_chunk=lambda n0, n1, dx_chunk, cols: (
-                                               x_rows[n0 * h * w:n1 * h * w].T @ cols))
-            dw = sum_in_order(xp, parts).reshape(c, k, k, self.c_out)[:, ::-1, ::-1]     # (in, kh, kw, out)
-            add_by_channel_blocks(xp, self.grads["weight"], dw.transpose(3, 0, 1, 2))
-            return dx
         dy = dout.reshape(-1, self.c_out)
         chunks = self._chunks(n, ho, wo, c)
         wmat = self._wmat() if need_dx else None
@@ -668,15 +709,67 @@ class FastConv2d(Workspace, Conv2d):
             return dw_part
         dw = sum_in_order(xp, deal(xp, chunks, chunk))
         add_by_channel_blocks(xp, self.grads["weight"], dw.reshape(k, k, c, self.c_out).transpose(3, 2, 0, 1))
-        if not need_dx or gather:
-            return dx
-        if not p:
+        if not need_dx or gather or not p:
             return dx
         if xp is not np:
             return xp.ascontiguousarray(dx[:, p:p + h, p:p + w])
         cropped = np.empty((n, h, w, c), dtype=dx.dtype)
         copy_images(np, cropped, dx[:, p:p + h, p:p + w])
         return cropped
+
+    # A strided convolution's input gradient on a CPU, by residues ("sub-pixel"). Along one axis,
+    # y[o] = sum_i x[s*o + i - p] w[i], so the input position q = s*a + r (residue r = q mod s)
+    # receives dy[o] w[i] exactly from the taps i with r + p - i divisible by s, at
+    # o = a + (r + p - i) / s. Each residue class of input positions (ry, rx) is then one GEMM,
+    # its rows the dy values of its taps side by side (an im2col of dy with those taps only)
+    # times those taps' weights: 9 taps in all over the four classes of a 3x3 stride-2
+    # convolution, the same multiplications as col2im's dy W^T, but the GEMMs write dx itself
+    # instead of a 9-times-wider dcols (which OpenBLAS zeroes first, as it zeroes every product's
+    # output) that is then added up window by window into a zeroed, padded dx and cropped:
+    # 74 -> 64 ms for ResNet-18's first strided convolution's backward pass (benchmarks/README.md).
+    def _residue_plan(self, h, w, ho, wo):
+        """How dx (H, W) of a convolution with stride 1 < s <= k splits into residue classes
+        (each reached by at least one tap): returns (the zero rows and columns dy needs before
+        and after it, (lo_y, hi_y, lo_x, hi_x), and per class (ry, rx, its rows and columns
+        (ny, nx), [(row offset, column offset) of dy per tap], the weights (T*C_out, C_in) of
+        those taps stacked in the same order))."""
+        k, s, p = self.k, self.stride, self.padding
+
+        def axis(size, out_size):       # per residue: its taps (i, offset), and the padding dy needs
+            taps = [[(i, (r + p - i) // s) for i in range(k) if (r + p - i) % s == 0] for r in range(s)]
+            reach = [(d, len(range(r, size, s)) - 1 + d) for r in range(s) for _, d in taps[r]]
+            lo = max([0] + [-first for first, _ in reach])
+            hi = max([0] + [last - (out_size - 1) for _, last in reach])
+            return taps, lo, hi
+        (taps_y, lo_y, hi_y), (taps_x, lo_x, hi_x) = axis(h, ho), axis(w, wo)
+        weight, classes = self.params["weight"], []
+        for ry in range(s):
+            for rx in range(s):
+                taps = [(iy, ix, oy, ox) for iy, oy in taps_y[ry] for ix, ox in taps_x[rx]]
+                wsub = np.concatenate([weight[:, :, iy, ix] for iy, ix, _, _ in taps])      # (T*C_out, C_in)
+                classes.append((ry, rx, len(range(ry, h, s)), len(range(rx, w, s)),
+                                [(oy, ox) for _, _, oy, ox in taps], wsub))
+        return (lo_y, hi_y, lo_x, hi_x), classes
+
+    def _residue_input_grad(self, dy, plan, dx):
+        """dx (m, H, W, C_in) of a chunk of images from their dy (m, Ho, Wo, C_out), class by
+        class of _residue_plan, in this thread's scratch."""
+        xp, s = self.xp, self.stride
+        (lo_y, hi_y, lo_x, hi_x), classes = plan
+        m, ho, wo, k = dy.shape
+        dyp = scratch(xp, (m, lo_y + ho + hi_y, lo_x + wo + hi_x, k), dy.dtype, "dy_padded")
+        dyp[:, :lo_y] = dyp[:, lo_y + ho:] = dyp[:, :, :lo_x] = dyp[:, :, lo_x + wo:] = 0
+        dyp[:, lo_y:lo_y + ho, lo_x:lo_x + wo] = dy
+        for ry, rx, ny, nx, offsets, wsub in classes:
+            if offsets == [(0, 0)] and (ny, nx) == (ho, wo):
+                cols = dy               # one tap, dy itself
+            else:
+                cols = scratch(xp, (m, ny, nx, len(offsets), k), dy.dtype, "residue_cols")
+                for t, (oy, ox) in enumerate(offsets):
+                    cols[:, :, :, t] = dyp[:, lo_y + oy:lo_y + oy + ny, lo_x + ox:lo_x + ox + nx]
+            grad = scratch(xp, (m * ny * nx, wsub.shape[1]), dy.dtype, "residue_out")
+            xp.matmul(cols.reshape(-1, wsub.shape[0]), wsub, out=grad)
+            dx[:, ry::s, rx::s] = grad.reshape(m, ny, nx, -1)
 
 
 class ConvBlock(Workspace, Sequential):

@@ -77,8 +77,12 @@ def _check_input_gradient(block, x, train, seed):
 
 
 @pytest.mark.parametrize("k,stride,padding,h,w", [(3, 1, 1, 8, 8), (3, 2, 1, 7, 9), (5, 1, 2, 8, 8),
-                                                  (1, 2, 0, 6, 6), (3, 1, 0, 6, 7)])
+                                                  (1, 2, 0, 6, 6), (3, 1, 0, 6, 7), (3, 2, 1, 8, 8),
+                                                  (5, 2, 2, 9, 8), (3, 3, 1, 8, 7), (2, 2, 0, 7, 6)])
 def test_fast_conv_matches_plain(xp, k, stride, padding, h, w):
+    """Outputs and gradients to rounding, in several chunks; strided ones on a CPU take dx
+    residue class by residue class (a stride of 3 with a 3x3 kernel: one tap per class and
+    axis; a 1x1 kernel: classes no tap reaches)."""
     rng = np.random.default_rng(0)
     plain = L.Conv2d(40, 3, k, stride, padding, rng=rng, xp=xp, dtype=F64)
     quick = fast.FastConv2d(40, 3, k, stride, padding, rng=rng, xp=xp, dtype=F64)
