@@ -1,9 +1,10 @@
-"""Winograd's F(2x2, 3x3) against im2col, one convolution at a time, on the CPU.
+"""Winograd's F(4x4, 3x3) against im2col, one convolution at a time, on the CPU.
 
 ResNet-18's 3x3 stride-1 convolutions at a 20-way 5-shot 5-query training episode (200 images):
 the forward pass and the backward pass (dx and dW) of FastConv2d with winograd=True (every
 channel count allowed) and with im2col, median of --repeats, on the thread budget (fast.THREADS)
-with BLAS on one thread, as in training. This is what FastConv2d.WINOGRAD_MIN_CHANNELS rests on.
+with BLAS on one thread, as in training. This is what FastConv2d.WINOGRAD_MIN_CHANNELS and the
+choice of Winograd for ResNet-18's blocks rest on.
 
   python benchmarks/winograd.py
 """
@@ -15,7 +16,7 @@ import numpy as np
 
 from scratchproto import fast
 
-SHAPES = [(28, 64), (14, 128), (4, 512)]       # (size, channels): layer1, layer2, layer4 (layer3's 7 is odd)
+SHAPES = [(28, 64), (14, 128), (7, 256), (4, 512)]       # (size, channels): layer1 to layer4
 
 
 def median_ms(fn, repeats):

@@ -446,16 +446,17 @@ class FastConv2d(Workspace, Conv2d):
         cols.reshape(m, ho, wo, self.k, self.k, -1)[...] = self._window_view(xpad, 0, m, ho, wo, stride)
         return cols
 
-    def _padded_chunk(self, x, xpad, n0, n1, pad, step):
-        """Images n0..n1 of x (N, H, W, C) inside a zero border of width pad: xpad's, where the
-        whole x was padded (on a GPU), else made now in this thread's scratch (on a CPU, a chunk
-        at a time while it is in the cache, rather than a padded copy of x written out whole
-        and read back)."""
+    def _padded_chunk(self, x, xpad, n0, n1, pad, step, extra=(0, 0)):
+        """Images n0..n1 of x (N, H, W, C) inside a zero border of width pad (and extra = (rows,
+        columns) more at the bottom and on the right): xpad's, where the whole x was padded (on a
+        GPU), else made now in this thread's scratch (on a CPU, a chunk at a time while it is in
+        the cache, rather than a padded copy of x written out whole and read back)."""
         if xpad is not None:
             return xpad[n0:n1]
         n, h, w, c = x.shape
-        chunk = scratch(self.xp, (step, h + 2 * pad, w + 2 * pad, c), x.dtype, "padded")[:n1 - n0]
-        if pad:                         # (the buffer is shared by layers of other shapes)
+        shape = (step, h + 2 * pad + extra[0], w + 2 * pad + extra[1], c)
+        chunk = scratch(self.xp, shape, x.dtype, "padded")[:n1 - n0]
+        if pad or any(extra):           # (the buffer is shared by layers of other shapes)
             chunk[:, :pad] = chunk[:, h + pad:] = chunk[:, :, :pad] = chunk[:, :, w + pad:] = 0
         chunk[:, pad:pad + h, pad:pad + w] = x[n0:n1]
         return chunk
@@ -539,17 +540,20 @@ class FastConv2d(Workspace, Conv2d):
         self.cache = NarrowConvCache(cols, x.shape)
         return cols, (n, ho, wo)
 
-    # Winograd F(2x2, 3x3) (winograd.py), chunk by chunk of images on every thread. Its transforms
-    # are passes over arrays 2 to 4 times the input's size, paid back only where the GEMMs are
-    # large against them (python benchmarks/winograd.py; benchmarks/README.md): on the Xeon a
-    # ResNet-18 convolution with 128 or 512 channels took 0.70 to 0.96 of im2col's time, one with
-    # 64 channels 1.02 to 1.39. An odd size (layer3's 7x7) would compute a spare row and column.
-    WINOGRAD_MIN_CHANNELS = 128
+    # Winograd's F(4x4, 3x3) (winograd.py), chunk by chunk of images on every thread: 36 GEMM
+    # multiplications per 4x4 outputs where im2col makes 144, each 2-D transform of a chunk's
+    # tiles one GEMM with a Kronecker product. On the Xeon (python benchmarks/winograd.py;
+    # benchmarks/README.md) it took 0.64 to 0.81 of im2col's time forward and 0.66 to 0.71
+    # backward at every ResNet-18 size, 64 channels included. Sizes that are not multiples of 4
+    # compute spare outputs from zeros beyond the padding, and drop them. It rounds worse than
+    # im2col (winograd.py), so it is asked for (ResNet-18's blocks), never implied: the ConvNet
+    # keeps im2col. On CuPy it is not used: it has not run on a GPU.
+    WINOGRAD_MIN_CHANNELS = 64
+    WINOGRAD_MIN_ROWS = 64      # GEMM rows (tiles) per chunk at least: ResNet-18's 4x4 layer has one an image
 
     def _winograd_applies(self, x_shape):
-        n, h, w, c_in = x_shape
         return (self.winograd and self.xp is np and (self.k, self.stride, self.padding) == (3, 1, 1)
-                and c_in >= self.WINOGRAD_MIN_CHANNELS and h % 2 == 0 and w % 2 == 0)
+                and x_shape[3] >= self.WINOGRAD_MIN_CHANNELS)
 
     def _scratch(self, shapes, dtype):
         """Arrays of these shapes carved one after another from this thread's shared workspace."""
@@ -561,25 +565,37 @@ class FastConv2d(Workspace, Conv2d):
         return out
 
     def _winograd_chunks(self, n, ty, tx, c):
-        """_chunks for the transformed tiles: 16 values per tile and channel, Ty*Tx GEMM rows an image."""
-        return self._chunks(n, ty, tx, c, per_image=16 * ty * tx * max(c, self.c_out))
+        """Chunks of images for the transformed tiles: 36 values per tile and channel, about
+        CHUNK_FLOATS of them, Ty*Tx GEMM rows an image, at least WINOGRAD_MIN_ROWS."""
+        per_image = 36 * ty * tx * max(c, self.c_out)
+        min_images = -(-self.WINOGRAD_MIN_ROWS // (ty * tx))
+        return even_spans(n, max(1, self.CHUNK_FLOATS // per_image, min_images), min_images)
 
     def _winograd_forward(self, x, each_chunk=None):
-        """y = conv(x) by Winograd's F(2x2, 3x3), chunk by chunk; returns (y, [each_chunk's values])."""
+        """y = conv(x) by Winograd's F(4x4, 3x3), chunk by chunk; returns (y, [each_chunk's values])."""
         xp, k = self.xp, self.c_out
         n, h, w, c = x.shape
-        ty, tx = h // 2, w // 2         # tiles of 2x2 outputs (even sizes only)
-        U = winograd.filter_transform(xp, self._wmat().reshape(3, 3, c, k))
+        ty, tx = -(-h // 4), -(-w // 4)
+        kb, ka = xp.asarray(winograd.KB, dtype=x.dtype), xp.asarray(winograd.KA, dtype=x.dtype)
+        U = winograd.filter_transform(xp, self._wmat())
         y = xp.empty((n, h, w, k), dtype=x.dtype)
         chunks = self._winograd_chunks(n, ty, tx, c)
+        exact = h == 4 * ty and w == 4 * tx
 
         def chunk(n0, n1):              # one thread's task: the chunk's tiles, GEMMs and outputs
             m = n1 - n0
-            V, tmp, M, tmp_out = self._scratch(
-                [(16, m, ty, tx, c), (4, m, h + 2, tx, c), (16, m * ty * tx, k), (4, m, h, tx, k)], x.dtype)
-            winograd.input_transform(xp, self._padded_chunk(x, None, n0, n1, 1, chunks[0][1]), ty, tx, V, tmp)
-            xp.matmul(V.reshape(16, -1, c), U, out=M)
-            winograd.output_transform(xp, M.reshape(16, m, ty, tx, k), ty, tx, y[n0:n1], tmp_out)
+            D, V, M, Y = self._scratch([(36, m, ty, tx, c), (36, m * ty * tx, c), (36, m * ty * tx, k),
+                                        (4, 4, m, ty, tx, k)], x.dtype)
+            xpad = self._padded_chunk(x, None, n0, n1, 1, chunks[0][1], extra=(4 * ty - h, 4 * tx - w))
+            winograd.tiles(xp, xpad, ty, tx, D)
+            xp.matmul(kb, D.reshape(36, -1), out=V.reshape(36, -1))
+            xp.matmul(V, U, out=M)
+            xp.matmul(ka, M.reshape(36, -1), out=Y.reshape(16, -1))
+            tiled = Y.transpose(2, 3, 0, 4, 1, 5)           # (m, Ty, 4, Tx, 4, k)
+            if exact:
+                y[n0:n1].reshape(m, ty, 4, tx, 4, k)[...] = tiled
+            else:
+                y[n0:n1] = tiled.reshape(m, 4 * ty, 4 * tx, k)[:, :h, :w]
             if each_chunk is not None:
                 return each_chunk(n0, n1, y[n0:n1])
         parts = deal(xp, chunks, chunk)
@@ -590,22 +606,29 @@ class FastConv2d(Workspace, Conv2d):
         xp, (x, U) = self.xp, self.cache
         n, h, w, k = dout.shape
         c = x.shape[3]
-        ty, tx = h // 2, w // 2
+        ty, tx = -(-h // 4), -(-w // 4)
+        kb, ka = xp.asarray(winograd.KB, dtype=x.dtype), xp.asarray(winograd.KA, dtype=x.dtype)
         dx = xp.empty((n, h, w, c), dtype=dout.dtype) if need_dx else None
         chunks = self._winograd_chunks(n, ty, tx, c)
+        exact = h == 4 * ty and w == 4 * tx
 
         def chunk(n0, n1):              # one thread's task: the chunk's part of dU, and its dx
             m = n1 - n0
-            V, tmp, dM, tmp_out, dxpad = self._scratch(
-                [(16, m, ty, tx, c), (4, m, h + 2, tx, c), (16, m * ty * tx, k), (4, m, h, tx, k),
-                 (m, h + 2, w + 2, c) if need_dx else (0,)], dout.dtype)
-            # the tiles made anew (kept, they would take 4 times x's size)
-            winograd.input_transform(xp, self._padded_chunk(x, None, n0, n1, 1, chunks[0][1]), ty, tx, V, tmp)
-            winograd.output_grad(xp, dout[n0:n1], ty, tx, dM.reshape(16, m, ty, tx, k), tmp_out)
-            dU_part = xp.matmul(dM.transpose(0, 2, 1), V.reshape(16, -1, c))      # dU transposed: (16, k, c)
-            if need_dx:                 # dV = dM U^T overwrites V, which dU was the last to need
-                xp.matmul(dM, U.transpose(0, 2, 1), out=V.reshape(16, -1, c))
-                winograd.input_grad(xp, V, ty, tx, dxpad, tmp)
+            D, V, dM, dY, dxpad = self._scratch(
+                [(36, m, ty, tx, c), (36, m * ty * tx, c), (36, m * ty * tx, k), (4, 4, m, ty, tx, k),
+                 (m, 4 * ty + 2, 4 * tx + 2, c) if need_dx else (0,)], dout.dtype)
+            xpad = self._padded_chunk(x, None, n0, n1, 1, chunks[0][1], extra=(4 * ty - h, 4 * tx - w))
+            xp.matmul(kb, winograd.tiles(xp, xpad, ty, tx, D).reshape(36, -1), out=V.reshape(36, -1))
+            # (xpad is done with: the padded dy may take its scratch) the spare outputs' gradient is 0
+            dy = dout[n0:n1] if exact else self._padded_chunk(dout, None, n0, n1, 0, chunks[0][1],
+                                                               extra=(4 * ty - h, 4 * tx - w))
+            dY.transpose(2, 3, 0, 4, 1, 5)[...] = dy.reshape(m, ty, 4, tx, 4, k)
+            xp.matmul(ka.T, dY.reshape(16, -1), out=dM.reshape(36, -1))
+            dU_part = xp.matmul(dM.transpose(0, 2, 1), V)          # dU transposed: (36, k, c)
+            if need_dx:                 # dV = dM U^T overwrites V, dD = B dV B^T overwrites D
+                xp.matmul(dM, U.transpose(0, 2, 1), out=V)
+                xp.matmul(kb.T, V.reshape(36, -1), out=D.reshape(36, -1))
+                winograd.untiles(xp, D, ty, tx, dxpad)
                 dx[n0:n1] = dxpad[:, 1:1 + h, 1:1 + w]
             return dU_part
         dU = sum_in_order(xp, deal(xp, chunks, chunk))

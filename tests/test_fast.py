@@ -113,14 +113,15 @@ def test_fast_conv_gradients_and_narrow_fallback():
     assert isinstance(narrow.cache, fast.NarrowConvCache)
 
 
-@pytest.mark.parametrize("h,w", [(8, 8), (4, 6), (2, 2)])
+@pytest.mark.parametrize("h,w", [(8, 8), (4, 12), (7, 7), (5, 3), (1, 1), (14, 10)])
 def test_winograd_conv_matches_plain(h, w):
-    """Winograd F(2x2, 3x3) against im2col's Conv2d in float64: output, dx and dW to rounding,
-    over several chunks, and without dx (dW alone)."""
+    """Winograd F(4x4, 3x3) against im2col's Conv2d in float64: output, dx and dW to rounding,
+    over several chunks, and without dx (dW alone); sizes that are not multiples of 4 compute
+    spare outputs and drop them."""
     rng = np.random.default_rng(20)
     plain = L.Conv2d(6, 5, 3, 1, 1, bias=False, rng=rng, dtype=F64)
     quick = fast.FastConv2d(6, 5, 3, 1, 1, bias=False, rng=rng, dtype=F64, winograd=True)
-    quick.CHUNK_FLOATS, quick.CHUNK_MIN_ROWS = 1, 1        # a chunk per image
+    quick.CHUNK_FLOATS, quick.WINOGRAD_MIN_ROWS = 1, 1        # a chunk per image
     quick.WINOGRAD_MIN_CHANNELS = 1
     _copy_params(plain, quick)
     x = rng.standard_normal((3, h, w, 6))
@@ -138,40 +139,42 @@ def test_winograd_conv_matches_plain(h, w):
 def test_winograd_conv_gradients():
     rng = np.random.default_rng(22)
     conv = fast.FastConv2d(4, 3, 3, 1, 1, rng=rng, dtype=F64, winograd=True)    # with a bias
-    conv.CHUNK_FLOATS, conv.CHUNK_MIN_ROWS, conv.WINOGRAD_MIN_CHANNELS = 1, 1, 1
+    conv.CHUNK_FLOATS, conv.WINOGRAD_MIN_ROWS, conv.WINOGRAD_MIN_CHANNELS = 1, 1, 1
     errors = gradcheck.check_layer(conv, rng.standard_normal((2, 4, 6, 4)))
     assert max(errors.values()) < 1e-6, errors
     assert isinstance(conv.cache, fast.WinogradConvCache)
 
 
-def test_winograd_in_float32_is_as_accurate_as_im2col():
-    """F(2x2, 3x3)'s transforms only add and subtract (and halve, for the filters), so in float32
-    its output and gradients stay as close to the float64 convolution as im2col's: within twice
-    im2col's own error on the same data (both about 5e-7 of the largest entry here)."""
+@pytest.mark.parametrize("n,size,c", [(8, 28, 64), (4, 7, 256)])
+def test_winograd_in_float32_stays_within_its_bound(n, size, c):
+    """F(4x4, 3x3)'s transforms scale values up and back down (winograd.py), so in float32 its
+    output and gradients are further from the float64 convolution than im2col's: measured at
+    ResNet-18's sizes, up to 1.3e-5 of the largest entry against im2col's 5e-7 to 8e-7. The
+    bound, 3e-5 (250 times float32's epsilon), fails on a transform off by one part in 1e4."""
     rng = np.random.default_rng(24)
-    x, dy = rng.standard_normal((4, 6, 6, 128)), rng.standard_normal((4, 6, 6, 128))
-    ref = L.Conv2d(128, 128, 3, 1, 1, bias=False, rng=np.random.default_rng(25), dtype=F64)
+    x, dy = rng.standard_normal((n, size, size, c)), rng.standard_normal((n, size, size, c))
+    ref = L.Conv2d(c, c, 3, 1, 1, bias=False, rng=np.random.default_rng(25), dtype=F64)
     want = [ref.forward(x), ref.backward(dy), ref.grads["weight"]]
     errors = {}
     for winograd in (True, False):
-        conv = fast.FastConv2d(128, 128, 3, 1, 1, bias=False, rng=np.random.default_rng(25), winograd=winograd)
+        conv = fast.FastConv2d(c, c, 3, 1, 1, bias=False, rng=np.random.default_rng(25), winograd=winograd)
         got = [conv.forward(x.astype(np.float32)), conv.backward(dy.astype(np.float32)), conv.grads["weight"]]
         assert isinstance(conv.cache, fast.WinogradConvCache) == winograd
         errors[winograd] = [np.abs(g - w).max() / np.abs(w).max() for g, w in zip(got, want)]
-    for ours, im2col in zip(errors[True], errors[False]):
-        assert ours < 2 * im2col and im2col < 2e-6, errors
+    assert max(errors[True]) < 3e-5 and max(errors[False]) < 2e-6, errors
 
 
 def test_winograd_only_where_asked_and_where_it_applies():
-    """Stride 2, 1x1, an odd size, fewer channels than WINOGRAD_MIN_CHANNELS, a narrow input and
-    the ConvNet keep im2col; so does a layer that did not ask."""
+    """Stride 2, 1x1, fewer channels than WINOGRAD_MIN_CHANNELS, a narrow input and the ConvNet
+    keep im2col; so does a layer that did not ask. Any size takes it (5: spare outputs)."""
     from scratchproto import build_backbone
     rng = np.random.default_rng(23)
     x = rng.standard_normal((2, 6, 6, 128))
     for args, kw, size, want in [((128, 4, 3, 1, 1), dict(winograd=True), 6, fast.WinogradConvCache),
                                  ((128, 4, 3, 1, 1), {}, 6, fast.ChunkedConvCache),
-                                 ((128, 4, 3, 1, 1), dict(winograd=True), 5, fast.ChunkedConvCache),
-                                 ((64, 4, 3, 1, 1), dict(winograd=True), 6, fast.ChunkedConvCache),
+                                 ((128, 4, 3, 1, 1), dict(winograd=True), 5, fast.WinogradConvCache),
+                                 ((64, 4, 3, 1, 1), dict(winograd=True), 6, fast.WinogradConvCache),
+                                 ((32, 4, 3, 1, 1), dict(winograd=True), 6, fast.ChunkedConvCache),
                                  ((128, 4, 3, 2, 1), dict(winograd=True), 6, fast.ChunkedConvCache),
                                  ((128, 4, 1, 1, 0), dict(winograd=True), 6, fast.ChunkedConvCache),
                                  ((3, 4, 3, 1, 1), dict(winograd=True), 6, fast.NarrowConvCache)]:
