@@ -118,7 +118,7 @@ def main():
                         "it (what a loop of model.episode calls does by itself) instead of holding "
                         "the limit over the whole run as the trainer does over an epoch")
     p.add_argument("--no-winograd", action="store_true",
-                   help="ResNet-18's convolutions all as im2col, none as Winograd's F(2x2, 3x3) (fast.py): "
+                   help="ResNet-18's convolutions all as im2col, none as Winograd's F(4x4, 3x3) (fast.py): "
                         "what Winograd saves, measured")
     p.add_argument("--data", help="an Omniglot folder (see run.py --data): also time drawing real "
                                   "episodes (the sampler and the copy to the device)")

@@ -35,10 +35,11 @@ ConvNet block's activations are 600 x 28 x 28 x 64 floats, 120 MB). Two rearrang
   of copying it, the ReLU and the sum work in place, and the backward pass overwrites the
   gradients it owns. Same operations in the same order as the plain layers, so the same numbers,
   with four fewer full-size arrays allocated per block and direction. But its 3x3 stride-1
-  convolutions with 128 channels or more run as Winograd's F(2x2, 3x3) (winograd.py;
-  FastConv2d(winograd=True)), rounding differently: 16 multiplications per 2x2 outputs where
-  im2col makes 36, worth it only where the GEMMs outweigh the transforms' passes
-  (benchmarks/README.md).
+  convolutions run as Winograd's F(4x4, 3x3) (winograd.py; FastConv2d(winograd=True)): 36
+  multiplications per 4x4 outputs where im2col makes 144, its transforms GEMMs too, for 0.63
+  to 0.79 of im2col's time forward and 0.65 to 0.73 backward (benchmarks/README.md). It rounds
+  worse, some 20 times im2col's error in float32 (1e-5 of the largest output), which the tests
+  bound.
 
 On a CPU everything uses the threads of the budget (``THREADS``: every core the process may use,
 or fewer where the environment says so; ``cpu_threads``): the passes outside the
@@ -375,11 +376,12 @@ class FastConv2d(Workspace, Conv2d):
     Same math as Conv2d (any k, stride, padding). Where k*k*C_in is small (the 1-channel first
     layer: 9) the whole matrix is small too, and it is kept for the backward pass as Conv2d does.
 
-    ``winograd=True``: a 3x3, stride-1, padding-1 convolution on NumPy runs as Winograd's
-    F(2x2, 3x3) instead (winograd.py), chunk by chunk of images as im2col does: 16/36 of the
-    GEMMs' multiplications for even sizes. Its numbers differ from im2col's by rounding, so it is
-    asked for (ResNet-18's blocks), never implied; the ConvNet keeps im2col. On CuPy it is not
-    used: it has not run on a GPU.
+    ``winograd=True``: a 3x3, stride-1, padding-1 convolution on NumPy with at least
+    WINOGRAD_MIN_CHANNELS input channels runs as Winograd's F(4x4, 3x3) instead (winograd.py),
+    chunk by chunk of images as im2col does: 36/144 of the GEMMs' multiplications where the
+    size is a multiple of 4. Its numbers differ from im2col's by more than rounding's last bit
+    (winograd.py), so it is asked for (ResNet-18's blocks), never implied; the ConvNet keeps
+    im2col. On CuPy it is not used: it has not run on a GPU.
     """
 
     # On a CPU, about 4 MB of im2col rows per chunk, so that a chunk is still in the cache for
@@ -543,7 +545,7 @@ class FastConv2d(Workspace, Conv2d):
     # Winograd's F(4x4, 3x3) (winograd.py), chunk by chunk of images on every thread: 36 GEMM
     # multiplications per 4x4 outputs where im2col makes 144, each 2-D transform of a chunk's
     # tiles one GEMM with a Kronecker product. On the Xeon (python benchmarks/winograd.py;
-    # benchmarks/README.md) it took 0.64 to 0.81 of im2col's time forward and 0.66 to 0.71
+    # benchmarks/README.md) it took 0.63 to 0.79 of im2col's time forward and 0.65 to 0.73
     # backward at every ResNet-18 size, 64 channels included. Sizes that are not multiples of 4
     # compute spare outputs from zeros beyond the padding, and drop them. It rounds worse than
     # im2col (winograd.py), so it is asked for (ResNet-18's blocks), never implied: the ConvNet

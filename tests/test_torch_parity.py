@@ -41,8 +41,12 @@ def test_matches_pytorch(tmp_path, backbone, way):
 
     model = sp.ProtoNet(net)
     res = model.episode(xs, xq, train=True)
-    assert _rel(res["embeddings"], ref["z"]) < 1e-5
-    assert abs(res["loss"] - float(ref["loss"])) < 1e-5 * max(1.0, abs(float(ref["loss"])))
+    # ResNet-18's 3x3 convolutions run as Winograd's F(4x4, 3x3), which rounds some 20 times
+    # worse than im2col in float32 (winograd.py): over 5 seeds (2026-12-05) its embeddings agreed
+    # with PyTorch's to at most 1.3e-5 and its loss to 1.5e-5 (3.9e-6 and 8.3e-6 with im2col).
+    close = 1e-5 if backbone == "convnet" else 3e-5
+    assert _rel(res["embeddings"], ref["z"]) < close
+    assert abs(res["loss"] - float(ref["loss"])) < close * max(1.0, abs(float(ref["loss"])))
     assert res["acc"] == pytest.approx(float(ref["acc"]))
     grads = net.grads()
     # A conv bias that feeds a BatchNorm has a true gradient of 0 (BN subtracts the mean): in
@@ -60,10 +64,11 @@ def test_matches_pytorch(tmp_path, backbone, way):
         else:
             # ResNet-18 is 17 ReLU layers deep: float32 rounding (~1e-5 relative by layer4, in
             # either implementation) moves a few pre-activations across 0, which switches their
-            # gradient on or off and shifts a layer's gradient by ~0.1-1% (measured over 5 seeds:
-            # at most 0.75% relative Frobenius norm; the float64 gradient checks in
-            # test_backbones.py verify the math exactly). 2% leaves headroom for other BLAS builds.
-            assert np.linalg.norm(g - r) / np.linalg.norm(r) < 2e-2, name
+            # gradient on or off and shifts a layer's gradient by ~0.1-2% (measured over 5 seeds,
+            # 2026-12-05: at most 1.7% relative Frobenius norm with Winograd, 1.3% with im2col;
+            # the float64 gradient checks in test_backbones.py verify the math exactly). 3%
+            # leaves headroom for other BLAS builds.
+            assert np.linalg.norm(g - r) / np.linalg.norm(r) < 3e-2, name
     opt = sp.Adam(net, lr=1e-3)
     opt.step()
     checked = np.zeros(2)
