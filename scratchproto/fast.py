@@ -621,7 +621,7 @@ class FastConv2d(Workspace, Conv2d):
                  (m, 4 * ty + 2, 4 * tx + 2, c) if need_dx else (0,)], dout.dtype)
             xpad = self._padded_chunk(x, None, n0, n1, 1, chunks[0][1], extra=(4 * ty - h, 4 * tx - w))
             xp.matmul(kb, winograd.tiles(xp, xpad, ty, tx, D).reshape(36, -1), out=V.reshape(36, -1))
-            # (xpad is done with: the padded dy may take its scratch) the spare outputs' gradient is 0
+            # the spare outputs' gradient is 0 (the padded dy takes xpad's scratch, done with by now)
             dy = dout[n0:n1] if exact else self._padded_chunk(dout, None, n0, n1, 0, chunks[0][1],
                                                                extra=(4 * ty - h, 4 * tx - w))
             dY.transpose(2, 3, 0, 4, 1, 5)[...] = dy.reshape(m, ty, 4, tx, 4, k)
