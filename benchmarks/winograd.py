@@ -9,24 +9,13 @@ choice of Winograd for ResNet-18's blocks rest on.
   python benchmarks/winograd.py
 """
 import argparse
-import statistics
-import time
 
 import numpy as np
 
+from conv_shapes import median_ms     # (benchmarks/, the script's folder, is on the path)
 from scratchproto import fast
 
 SHAPES = [(28, 64), (14, 128), (7, 256), (4, 512)]       # (size, channels): layer1 to layer4
-
-
-def median_ms(fn, repeats):
-    fn()                                        # warm-up: workspaces made, pages touched
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def main():
